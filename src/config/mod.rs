@@ -1,0 +1,782 @@
+//! Configuration: the YAML file, the command line and the environment, merged and validated
+//! before any socket is bound.
+//!
+//! [`load`] reads the file into [`raw::RawConfig`] (unknown keys rejected), layers the
+//! command-line and environment [`Options`] over it, and [`validate`]s the result into a
+//! [`Config`]. Every problem is collected, so one run reports all of them, one line each,
+//! naming the key. No error message echoes a value that could be a secret: secrets are only
+//! ever file paths here, and the files are not read until the proxy starts.
+
+pub mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use url::Url;
+
+use crate::cli::Options;
+use raw::RawConfig;
+
+/// Proxy listener when none is configured: all interfaces, the conventional sidecar port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Admin listener: a separate port so that probes and scrapes never need a token.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
+/// A backend in the same pod accepts a connection at once; five seconds means it is not there.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long enough for a slow tool call to start answering, short enough to free a stuck client.
+pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
+/// Real access tokens are 1–3 KiB; anything far larger is an attack on the parser.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
+/// The IdP answers a token request in well under a second when it is healthy.
+pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Enough for every active user of one backend; about 1 KiB each.
+pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
+/// Bounds how long a revoked subject token can still be honoured through the cache.
+pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(300);
+/// A token handed to the backend must outlive the request that carries it.
+pub const DEFAULT_CACHE_EXPIRY_MARGIN: Duration = Duration::from_secs(15);
+/// Time for the endpoints controller to take the pod out of the Service after SIGTERM.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Fits in Kubernetes' default 30 s grace period together with the drain delay.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
+/// The RFC 8693 token type of an OAuth access token (RFC 8693 §3).
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// Asymmetric algorithms only: `none` and HMAC can never verify a third party's token.
+pub const DEFAULT_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+];
+
+/// Whether the client token is exchanged or forwarded as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Validate, exchange (RFC 8693), forward with the exchanged token.
+    Exchange,
+    /// Validate and forward the client's own token.
+    Passthrough,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// How the proxy authenticates itself at the token endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// HTTP Basic with the form-urlencoded id and secret (RFC 6749 §2.3.1).
+    ClientSecretBasic { secret_file: PathBuf },
+    /// `client_id` and `client_secret` in the form body (RFC 6749 §2.3.1).
+    ClientSecretPost { secret_file: PathBuf },
+    /// A JWT assertion signed with the proxy's private key (RFC 7523 §2.2).
+    PrivateKeyJwt {
+        private_key_file: PathBuf,
+        key_id: Option<String>,
+    },
+    /// A ready-made assertion (e.g. a projected service-account token), read on every use.
+    ClientAssertionFile { assertion_file: PathBuf },
+    /// Public client: only `client_id` is sent.
+    None,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub mode: Mode,
+    pub public_url: Option<Url>,
+    pub upstream: Upstream,
+    pub inbound: Inbound,
+    /// `None` in passthrough mode.
+    pub exchange: Option<Exchange>,
+    pub idp_tls: IdpTls,
+    pub cache: Cache,
+    pub protected_resource: ProtectedResource,
+    pub shutdown: Shutdown,
+    pub log: Log,
+}
+
+/// `upstream.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct Upstream {
+    pub url: Url,
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub response_header_timeout: Duration,
+    /// `None` when configured as 0: no limit on silence inside a body.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub idle_timeout: Option<Duration>,
+    pub preserve_host: bool,
+}
+
+/// `inbound.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct Inbound {
+    pub issuer: String,
+    pub discovery_url: Option<Url>,
+    pub jwks_uri: Option<Url>,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    #[serde(serialize_with = "ser_duration")]
+    pub leeway: Duration,
+    pub required_scopes: Vec<String>,
+    pub max_token_bytes: usize,
+    pub introspection: Option<Introspection>,
+    pub public_paths: Vec<String>,
+}
+
+/// `inbound.introspection.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct Introspection {
+    pub endpoint: Option<Url>,
+    pub client_id: String,
+    pub client_secret_file: Option<PathBuf>,
+}
+
+/// `exchange.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct Exchange {
+    pub token_endpoint: Option<Url>,
+    pub issuer: String,
+    pub client_id: String,
+    pub client_auth: ClientAuth,
+    pub audience: Vec<String>,
+    pub resource: Vec<String>,
+    pub scope: Option<String>,
+    pub subject_token_type: String,
+    pub requested_token_type: String,
+    pub extra_params: BTreeMap<String, String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+/// `idp_tls.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct IdpTls {
+    pub ca_file: Option<PathBuf>,
+    pub allow_plain_http: bool,
+}
+
+/// `cache.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct Cache {
+    pub max_entries: u64,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_ttl: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub expiry_margin: Duration,
+}
+
+/// `protected_resource.*` (RFC 9728).
+#[derive(Debug, Clone, Serialize)]
+pub struct ProtectedResource {
+    pub resource: Option<String>,
+    pub authorization_servers: Vec<String>,
+    pub scopes_supported: Vec<String>,
+}
+
+/// `shutdown.*`
+#[derive(Debug, Clone, Serialize)]
+pub struct Shutdown {
+    #[serde(serialize_with = "ser_duration")]
+    pub drain_delay: Duration,
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+/// `log.*` (also `--log-format`, `--log-level`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    ser_duration(&d.unwrap_or_default(), s)
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The config key (dotted path), e.g. `upstream.url`.
+    pub key: String,
+    /// Why, in a few words; never the value of a secret.
+    pub message: String,
+}
+
+/// Everything wrong with the configuration; displayed one problem per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "config error: {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the file named by `options.config` (if any), layers `options` over it, validates.
+pub fn load(options: &Options) -> Result<Config, ConfigError> {
+    let raw = match &options.config {
+        Some(path) => read_file(path)?,
+        None => RawConfig::default(),
+    };
+    validate(apply(raw, options))
+}
+
+/// Parses a YAML config file. Problems name the file and the offending key.
+pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
+    let one = |message: String| ConfigError {
+        problems: vec![Problem {
+            key: "config".into(),
+            message,
+        }],
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| one(format!("cannot read {}: {}", path.display(), e.kind())))?;
+    parse_yaml(&text).map_err(|message| one(format!("{}: {message}", path.display())))
+}
+
+/// Parses YAML text into the raw config. An empty document is an empty config.
+pub fn parse_yaml(text: &str) -> Result<RawConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(RawConfig::default());
+    }
+    // serde's messages name the unknown field and the expected ones, plus a position. They
+    // quote keys, never values, except for type errors on scalars, which are not secrets here
+    // (secrets only ever appear as file paths).
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}
+
+/// Layers command-line/environment options over the file's values.
+pub fn apply(mut raw: RawConfig, o: &Options) -> RawConfig {
+    fn set<T: Clone>(slot: &mut Option<T>, v: &Option<T>) {
+        if let Some(v) = v {
+            *slot = Some(v.clone());
+        }
+    }
+    fn set_list(slot: &mut Option<Vec<String>>, v: &[String]) {
+        if !v.is_empty() {
+            *slot = Some(v.to_vec());
+        }
+    }
+    set(&mut raw.listen, &o.listen);
+    set(&mut raw.admin_listen, &o.admin_listen);
+    set(&mut raw.mode, &o.mode);
+    set(&mut raw.upstream.url, &o.upstream);
+    set(&mut raw.inbound.issuer, &o.issuer);
+    set_list(&mut raw.inbound.audiences, &o.audience);
+    set(&mut raw.exchange.token_endpoint, &o.token_endpoint);
+    set(&mut raw.exchange.client_id, &o.client_id);
+    set(
+        &mut raw.exchange.client_auth.secret_file,
+        &o.client_secret_file,
+    );
+    set_list(&mut raw.exchange.audience, &o.exchange_audience);
+    set_list(&mut raw.exchange.resource, &o.exchange_resource);
+    set(&mut raw.exchange.scope, &o.exchange_scope);
+    set(&mut raw.log.format, &o.log_format);
+    set(&mut raw.log.level, &o.log_level);
+    raw
+}
+
+/// Collects problems while building a [`Config`].
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn addr(&mut self, key: &str, v: Option<&str>, default: &str) -> SocketAddr {
+        let v = v.unwrap_or(default);
+        v.parse().unwrap_or_else(|_| {
+            self.problem(key, "not a socket address (expected e.g. 0.0.0.0:8080)");
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn duration(&mut self, key: &str, v: Option<&str>, default: Duration) -> Duration {
+        match v {
+            None => default,
+            Some(s) => parse_duration(s).unwrap_or_else(|| {
+                self.problem(key, "not a duration (expected e.g. 500ms, 30s, 5m)");
+                default
+            }),
+        }
+    }
+
+    /// An absolute http(s) URL. `idp` URLs must be https unless loopback or allowed.
+    fn url(&mut self, key: &str, v: &str, idp_plain_ok: Option<bool>) -> Option<Url> {
+        let url = match Url::parse(v) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => u,
+            Ok(_) => {
+                self.problem(key, "must be an http:// or https:// URL with a host");
+                return None;
+            }
+            Err(e) => {
+                self.problem(key, format!("not a URL: {e}"));
+                return None;
+            }
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(key, "must not contain credentials");
+            return None;
+        }
+        if let Some(allow) = idp_plain_ok {
+            if url.scheme() == "http" && !allow && !is_loopback(&url) {
+                self.problem(
+                    key,
+                    "plain http to a non-loopback IdP is refused (use https, or set idp_tls.allow_plain_http)",
+                );
+                return None;
+            }
+        }
+        Some(url)
+    }
+
+    fn opt_url(&mut self, key: &str, v: Option<&str>, idp_plain_ok: Option<bool>) -> Option<Url> {
+        v.and_then(|v| self.url(key, v, idp_plain_ok))
+    }
+
+    fn required<'a>(&mut self, key: &str, v: Option<&'a str>) -> Option<&'a str> {
+        match v {
+            Some(s) if !s.trim().is_empty() => Some(s),
+            _ => {
+                self.problem(key, "required");
+                None
+            }
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h30m`, or a bare `0`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    humantime::parse_duration(s).ok()
+}
+
+/// True for `localhost` and loopback IP literals.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Turns a merged raw config into a [`Config`], or every problem found.
+pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut c = Checker::default();
+
+    let listen = c.addr("listen", raw.listen.as_deref(), DEFAULT_LISTEN);
+    let admin_listen = c.addr(
+        "admin_listen",
+        raw.admin_listen.as_deref(),
+        DEFAULT_ADMIN_LISTEN,
+    );
+    if listen == admin_listen && listen.port() != 0 {
+        c.problem("admin_listen", "must differ from listen");
+    }
+    let mode = match raw.mode.as_deref() {
+        None | Some("exchange") => Mode::Exchange,
+        Some("passthrough") => Mode::Passthrough,
+        Some(_) => {
+            c.problem("mode", "must be exchange or passthrough");
+            Mode::Exchange
+        }
+    };
+    let public_url = c.opt_url("public_url", raw.public_url.as_deref(), None);
+    if let Some(u) = &public_url {
+        if u.query().is_some() || u.fragment().is_some() {
+            c.problem("public_url", "must not have a query or fragment");
+        }
+    }
+
+    let allow_plain_http = raw.idp_tls.allow_plain_http.unwrap_or(false);
+    let idp = Some(allow_plain_http);
+
+    // upstream
+    let u = &raw.upstream;
+    let upstream_url = c
+        .required("upstream.url", u.url.as_deref())
+        .and_then(|v| c.url("upstream.url", v, None));
+    if let Some(url) = &upstream_url {
+        if url.scheme() != "http" {
+            c.problem(
+                "upstream.url",
+                "must be http:// (the backend runs in the same pod; TLS to it is not supported)",
+            );
+        }
+        if url.path() != "/" || url.query().is_some() {
+            c.problem(
+                "upstream.url",
+                "must be a scheme and authority only; request paths are forwarded unchanged",
+            );
+        }
+    }
+    let connect_timeout = c.duration(
+        "upstream.connect_timeout",
+        u.connect_timeout.as_deref(),
+        DEFAULT_CONNECT_TIMEOUT,
+    );
+    let response_header_timeout = c.duration(
+        "upstream.response_header_timeout",
+        u.response_header_timeout.as_deref(),
+        DEFAULT_RESPONSE_HEADER_TIMEOUT,
+    );
+    for (key, d) in [
+        ("upstream.connect_timeout", connect_timeout),
+        ("upstream.response_header_timeout", response_header_timeout),
+    ] {
+        if d.is_zero() {
+            c.problem(key, "must be greater than 0");
+        }
+    }
+    let idle_timeout = c.duration(
+        "upstream.idle_timeout",
+        u.idle_timeout.as_deref(),
+        Duration::ZERO,
+    );
+
+    // inbound
+    let i = &raw.inbound;
+    let issuer = c
+        .required("inbound.issuer", i.issuer.as_deref())
+        .map(String::from);
+    if let Some(iss) = &issuer {
+        if i.discovery_url.is_none() {
+            // Discovery is derived from the issuer, so it must be a usable URL.
+            c.url("inbound.issuer", iss, idp);
+        }
+    }
+    let discovery_url = c.opt_url("inbound.discovery_url", i.discovery_url.as_deref(), idp);
+    let jwks_uri = c.opt_url("inbound.jwks_uri", i.jwks_uri.as_deref(), idp);
+    let audiences = i.audiences.clone().unwrap_or_default();
+    if audiences.iter().all(|a| a.trim().is_empty()) {
+        c.problem(
+            "inbound.audiences",
+            "required (at least one accepted audience)",
+        );
+    }
+    let mut algorithms = Vec::new();
+    let names: Vec<String> = match &i.algorithms {
+        Some(v) => v.clone(),
+        None => DEFAULT_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
+    };
+    for name in &names {
+        match parse_algorithm(name) {
+            Ok(a) => algorithms.push(a),
+            Err(why) => c.problem("inbound.algorithms", format!("{name}: {why}")),
+        }
+    }
+    if names.is_empty() {
+        c.problem("inbound.algorithms", "must list at least one algorithm");
+    }
+    let leeway = c.duration("inbound.leeway", i.leeway.as_deref(), DEFAULT_LEEWAY);
+    let max_token_bytes = i.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+    if max_token_bytes == 0 {
+        c.problem("inbound.max_token_bytes", "must be greater than 0");
+    }
+    let introspection = i.introspection.as_ref().map(|ri| Introspection {
+        endpoint: c.opt_url(
+            "inbound.introspection.endpoint",
+            ri.endpoint.as_deref(),
+            idp,
+        ),
+        client_id: c
+            .required("inbound.introspection.client_id", ri.client_id.as_deref())
+            .unwrap_or_default()
+            .to_string(),
+        client_secret_file: ri.client_secret_file.as_ref().map(PathBuf::from),
+    });
+    let public_paths = i.public_paths.clone().unwrap_or_default();
+    for p in &public_paths {
+        if !p.starts_with('/') {
+            c.problem("inbound.public_paths", "each entry must start with /");
+        }
+    }
+
+    // exchange
+    let e = &raw.exchange;
+    let exchange = match mode {
+        Mode::Passthrough => None,
+        Mode::Exchange => {
+            let client_id = c
+                .required("exchange.client_id", e.client_id.as_deref())
+                .unwrap_or_default()
+                .to_string();
+            let token_endpoint =
+                c.opt_url("exchange.token_endpoint", e.token_endpoint.as_deref(), idp);
+            let ex_issuer = e
+                .issuer
+                .clone()
+                .or_else(|| issuer.clone())
+                .unwrap_or_default();
+            if token_endpoint.is_none() && e.issuer.is_some() {
+                c.url("exchange.issuer", &ex_issuer, idp);
+            }
+            let client_auth = client_auth(&mut c, &raw.exchange.client_auth);
+            let scope = e.scope.clone().filter(|s| !s.trim().is_empty());
+            let extra_params = e.extra_params.clone().unwrap_or_default();
+            for k in extra_params.keys() {
+                if RESERVED_EXCHANGE_PARAMS.contains(&k.as_str()) {
+                    c.problem(
+                        "exchange.extra_params",
+                        format!("{k} is set by the proxy and may not be overridden"),
+                    );
+                }
+            }
+            let timeout = c.duration(
+                "exchange.timeout",
+                e.timeout.as_deref(),
+                DEFAULT_EXCHANGE_TIMEOUT,
+            );
+            if timeout.is_zero() {
+                c.problem("exchange.timeout", "must be greater than 0");
+            }
+            for r in e.resource.iter().flatten() {
+                // RFC 8707 §2: an absolute URI without a fragment.
+                match Url::parse(r) {
+                    Ok(u) if u.fragment().is_none() => {}
+                    _ => c.problem(
+                        "exchange.resource",
+                        "each entry must be an absolute URI without a fragment",
+                    ),
+                }
+            }
+            Some(Exchange {
+                token_endpoint,
+                issuer: ex_issuer,
+                client_id,
+                client_auth,
+                audience: e.audience.clone().unwrap_or_default(),
+                resource: e.resource.clone().unwrap_or_default(),
+                scope,
+                subject_token_type: e
+                    .subject_token_type
+                    .clone()
+                    .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
+                requested_token_type: e
+                    .requested_token_type
+                    .clone()
+                    .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
+                extra_params,
+                timeout,
+            })
+        }
+    };
+
+    let idp_tls = IdpTls {
+        ca_file: raw.idp_tls.ca_file.as_ref().map(PathBuf::from),
+        allow_plain_http,
+    };
+
+    let cache = Cache {
+        max_entries: raw.cache.max_entries.unwrap_or(DEFAULT_CACHE_MAX_ENTRIES),
+        max_ttl: c.duration(
+            "cache.max_ttl",
+            raw.cache.max_ttl.as_deref(),
+            DEFAULT_CACHE_MAX_TTL,
+        ),
+        expiry_margin: c.duration(
+            "cache.expiry_margin",
+            raw.cache.expiry_margin.as_deref(),
+            DEFAULT_CACHE_EXPIRY_MARGIN,
+        ),
+    };
+
+    let pr = &raw.protected_resource;
+    if let Some(r) = &pr.resource {
+        c.url("protected_resource.resource", r, None);
+    }
+    let protected_resource = ProtectedResource {
+        resource: pr.resource.clone(),
+        authorization_servers: pr
+            .authorization_servers
+            .clone()
+            .unwrap_or_else(|| issuer.iter().cloned().collect()),
+        scopes_supported: pr.scopes_supported.clone().unwrap_or_default(),
+    };
+
+    let shutdown = Shutdown {
+        drain_delay: c.duration(
+            "shutdown.drain_delay",
+            raw.shutdown.drain_delay.as_deref(),
+            DEFAULT_DRAIN_DELAY,
+        ),
+        timeout: c.duration(
+            "shutdown.timeout",
+            raw.shutdown.timeout.as_deref(),
+            DEFAULT_SHUTDOWN_TIMEOUT,
+        ),
+    };
+
+    let format = match raw.log.format.as_deref() {
+        None | Some("json") => LogFormat::Json,
+        Some("text") => LogFormat::Text,
+        Some(_) => {
+            c.problem("log.format", "must be text or json");
+            LogFormat::Json
+        }
+    };
+    let level = raw.log.level.clone().unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+        c.problem(
+            "log.level",
+            "not a valid tracing filter (e.g. info,token_exchange_proxy=debug)",
+        );
+    }
+
+    if !c.problems.is_empty() {
+        return Err(ConfigError {
+            problems: c.problems,
+        });
+    }
+    let (Some(url), Some(issuer)) = (upstream_url, issuer) else {
+        // Unreachable: a missing required value was recorded as a problem above.
+        return Err(ConfigError {
+            problems: vec![Problem {
+                key: "config".into(),
+                message: "incomplete".into(),
+            }],
+        });
+    };
+    Ok(Config {
+        listen,
+        admin_listen,
+        mode,
+        public_url,
+        upstream: Upstream {
+            url,
+            connect_timeout,
+            response_header_timeout,
+            idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+            preserve_host: u.preserve_host.unwrap_or(false),
+        },
+        inbound: Inbound {
+            issuer,
+            discovery_url,
+            jwks_uri,
+            audiences,
+            algorithms,
+            leeway,
+            required_scopes: i.required_scopes.clone().unwrap_or_default(),
+            max_token_bytes,
+            introspection,
+            public_paths,
+        },
+        exchange,
+        idp_tls,
+        cache,
+        protected_resource,
+        shutdown,
+        log: Log { format, level },
+    })
+}
+
+/// Form parameters the proxy sets itself; `exchange.extra_params` may not name them
+/// (RFC 8693 §2.1, RFC 6749 §2.3.1, RFC 7521 §4.2).
+pub const RESERVED_EXCHANGE_PARAMS: &[&str] = &[
+    "grant_type",
+    "subject_token",
+    "subject_token_type",
+    "actor_token",
+    "actor_token_type",
+    "requested_token_type",
+    "audience",
+    "resource",
+    "scope",
+    "client_id",
+    "client_secret",
+    "client_assertion",
+    "client_assertion_type",
+];
+
+fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, &'static str> {
+    use jsonwebtoken::Algorithm::*;
+    Ok(match name {
+        "RS256" => RS256,
+        "RS384" => RS384,
+        "RS512" => RS512,
+        "PS256" => PS256,
+        "PS384" => PS384,
+        "PS512" => PS512,
+        "ES256" => ES256,
+        "ES384" => ES384,
+        "EdDSA" => EdDSA,
+        "none" | "HS256" | "HS384" | "HS512" => {
+            return Err("not allowed (none and HMAC cannot verify a third party's token)");
+        }
+        _ => return Err("unknown algorithm"),
+    })
+}
+
+fn client_auth(c: &mut Checker, a: &raw::RawClientAuth) -> ClientAuth {
+    let file = |c: &mut Checker, key: &str, v: &Option<String>| -> PathBuf {
+        PathBuf::from(c.required(key, v.as_deref()).unwrap_or_default())
+    };
+    match a.method.as_deref().unwrap_or("client_secret_basic") {
+        "client_secret_basic" => ClientAuth::ClientSecretBasic {
+            secret_file: file(c, "exchange.client_auth.secret_file", &a.secret_file),
+        },
+        "client_secret_post" => ClientAuth::ClientSecretPost {
+            secret_file: file(c, "exchange.client_auth.secret_file", &a.secret_file),
+        },
+        "private_key_jwt" => ClientAuth::PrivateKeyJwt {
+            private_key_file: file(
+                c,
+                "exchange.client_auth.private_key_file",
+                &a.private_key_file,
+            ),
+            key_id: a.key_id.clone(),
+        },
+        "client_assertion_file" => ClientAuth::ClientAssertionFile {
+            assertion_file: file(c, "exchange.client_auth.assertion_file", &a.assertion_file),
+        },
+        "none" => ClientAuth::None,
+        _ => {
+            c.problem(
+                "exchange.client_auth.method",
+                "must be client_secret_basic, client_secret_post, private_key_jwt, client_assertion_file or none",
+            );
+            ClientAuth::None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

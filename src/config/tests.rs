@@ -1,0 +1,191 @@
+use super::*;
+use crate::cli::Options;
+
+const MINIMAL: &str = "
+upstream: {url: 'http://127.0.0.1:8000'}
+inbound: {issuer: 'https://idp.example.com/realms/mcp', audiences: [mcp-server]}
+exchange:
+  client_id: txp
+  client_auth: {secret_file: /run/secret}
+";
+
+fn load_str(yaml: &str, options: &Options) -> Result<Config, ConfigError> {
+    let raw = parse_yaml(yaml).map_err(|message| ConfigError {
+        problems: vec![Problem {
+            key: "config".into(),
+            message,
+        }],
+    })?;
+    validate(apply(raw, options))
+}
+
+fn keys(e: &ConfigError) -> Vec<&str> {
+    e.problems.iter().map(|p| p.key.as_str()).collect()
+}
+
+#[test]
+fn example_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.yaml");
+    let options = Options {
+        config: Some(path),
+        ..Options::default()
+    };
+    let config = load(&options).expect("example.yaml is valid");
+    assert_eq!(config.mode, Mode::Exchange);
+    assert_eq!(config.upstream.url.as_str(), "http://127.0.0.1:8000/");
+    assert_eq!(config.inbound.audiences, vec!["mcp-server"]);
+    assert_eq!(
+        config.exchange.expect("exchange mode").audience,
+        vec!["nextcloud"]
+    );
+}
+
+#[test]
+fn defaults_apply_when_keys_are_absent() {
+    let config = load_str(MINIMAL, &Options::default()).expect("valid");
+    assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(config.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert_eq!(config.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(config.upstream.idle_timeout, None);
+    assert_eq!(config.cache.max_ttl, DEFAULT_CACHE_MAX_TTL);
+    assert_eq!(config.shutdown.drain_delay, DEFAULT_DRAIN_DELAY);
+    assert_eq!(config.log.format, LogFormat::Json);
+    assert_eq!(config.inbound.algorithms.len(), DEFAULT_ALGORITHMS.len());
+    assert_eq!(
+        config.protected_resource.authorization_servers,
+        vec!["https://idp.example.com/realms/mcp"]
+    );
+}
+
+#[test]
+fn precedence_is_flag_then_environment_then_file_then_default() {
+    let yaml = format!(
+        "{MINIMAL}\nlisten: 127.0.0.1:1001\nadmin_listen: 127.0.0.1:2001\nlog: {{format: text}}\n"
+    );
+    let env = Options::from_env(|k| match k {
+        "TXP_LISTEN" => Some("127.0.0.1:1002".into()),
+        "TXP_ADMIN_LISTEN" => Some("127.0.0.1:2002".into()),
+        _ => None,
+    });
+    let flags = Options {
+        listen: Some("127.0.0.1:1003".into()),
+        ..Options::default()
+    };
+    let config = load_str(&yaml, &flags.over(env)).expect("valid");
+    assert_eq!(
+        config.listen.to_string(),
+        "127.0.0.1:1003",
+        "flag wins over env and file"
+    );
+    assert_eq!(
+        config.admin_listen.to_string(),
+        "127.0.0.1:2002",
+        "env wins over file"
+    );
+    assert_eq!(config.log.format, LogFormat::Text, "file wins over default");
+    assert_eq!(
+        config.upstream.response_header_timeout,
+        DEFAULT_RESPONSE_HEADER_TIMEOUT
+    );
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = load_str(
+        &format!("{MINIMAL}\nupstream_url: x\n"),
+        &Options::default(),
+    )
+    .expect_err("invalid");
+    assert!(err.to_string().contains("upstream_url"), "{err}");
+    let err = load_str(
+        "upstream: {url: 'http://127.0.0.1:1', conect_timeout: 5s}",
+        &Options::default(),
+    )
+    .expect_err("invalid");
+    assert!(err.to_string().contains("conect_timeout"), "{err}");
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key() {
+    let yaml = "
+listen: nonsense
+upstream: {url: 'ftp://x', connect_timeout: soon}
+inbound: {issuer: 'https://idp.example.com', audiences: [a], algorithms: [HS256, none]}
+exchange: {client_id: c, client_auth: {method: client_secret_basic}, extra_params: {grant_type: x}}
+shutdown: {timeout: forever}
+";
+    let err = load_str(yaml, &Options::default()).expect_err("invalid");
+    let k = keys(&err);
+    for key in [
+        "listen",
+        "upstream.url",
+        "upstream.connect_timeout",
+        "inbound.algorithms",
+        "exchange.client_auth.secret_file",
+        "exchange.extra_params",
+        "shutdown.timeout",
+    ] {
+        assert!(k.contains(&key), "{key} not reported in {k:?}");
+    }
+    assert_eq!(err.to_string().lines().count(), err.problems.len());
+}
+
+#[test]
+fn required_keys_are_named_when_missing() {
+    let err = load_str("", &Options::default()).expect_err("invalid");
+    let k = keys(&err);
+    for key in [
+        "upstream.url",
+        "inbound.issuer",
+        "inbound.audiences",
+        "exchange.client_id",
+    ] {
+        assert!(k.contains(&key), "{key} not reported in {k:?}");
+    }
+}
+
+#[test]
+fn passthrough_mode_needs_no_exchange_client() {
+    let yaml = "mode: passthrough\nupstream: {url: 'http://127.0.0.1:8000'}\ninbound: {issuer: 'https://idp', audiences: [a]}";
+    let config = load_str(yaml, &Options::default()).expect("valid");
+    assert!(config.exchange.is_none());
+}
+
+#[test]
+fn plain_http_idp_is_refused_unless_loopback_or_allowed() {
+    let yaml = |issuer: &str, allow: bool| {
+        format!(
+            "mode: passthrough\nupstream: {{url: 'http://127.0.0.1:8000'}}\ninbound: {{issuer: '{issuer}', audiences: [a]}}\nidp_tls: {{allow_plain_http: {allow}}}"
+        )
+    };
+    let err =
+        load_str(&yaml("http://idp.internal", false), &Options::default()).expect_err("refused");
+    assert_eq!(keys(&err), vec!["inbound.issuer"]);
+    assert!(load_str(&yaml("http://127.0.0.1:9", false), &Options::default()).is_ok());
+    assert!(load_str(&yaml("http://localhost:9", false), &Options::default()).is_ok());
+    assert!(load_str(&yaml("http://idp.internal", true), &Options::default()).is_ok());
+}
+
+#[test]
+fn errors_never_echo_a_secret_looking_value() {
+    // A secret pasted inline where a path or URL belongs must not be repeated in the error.
+    let secret = "s3cr3t-VALUE-do-not-print";
+    let yaml = format!(
+        "upstream: {{url: 'http://127.0.0.1:1'}}\ninbound: {{issuer: 'https://idp', audiences: [a]}}\nexchange: {{client_id: c, client_auth: {{method: '{secret}'}}, token_endpoint: 'http://u:{secret}@idp.example.com/t'}}"
+    );
+    let err = load_str(&yaml, &Options::default()).expect_err("invalid");
+    assert!(!err.to_string().contains(secret), "{err}");
+    assert!(keys(&err).contains(&"exchange.client_auth.method"));
+}
+
+#[test]
+fn idle_timeout_zero_means_none() {
+    let config = load_str(&format!("{MINIMAL}\n"), &Options::default()).expect("valid");
+    assert_eq!(config.upstream.idle_timeout, None);
+    let yaml = MINIMAL.replace(
+        "url: 'http://127.0.0.1:8000'",
+        "url: 'http://127.0.0.1:8000', idle_timeout: 90s",
+    );
+    let config = load_str(&yaml, &Options::default()).expect("valid");
+    assert_eq!(config.upstream.idle_timeout, Some(Duration::from_secs(90)));
+}

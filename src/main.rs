@@ -1,0 +1,67 @@
+//! `token-exchange-proxy`: parse arguments, load the config (exit 64 when invalid), run until
+//! SIGTERM/SIGINT, drain, exit 0.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use token_exchange_proxy::cli::{Cli, Command, Options};
+use token_exchange_proxy::{config, logging, server, shutdown};
+
+/// Exit code for an invalid configuration (BSD `EX_USAGE`).
+const EXIT_CONFIG: u8 = 64;
+/// Exit code for a failure to start.
+const EXIT_START: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let options = cli
+        .options
+        .over(Options::from_env(|k| std::env::var(k).ok()));
+    let config = match config::load(&options) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(Command::CheckConfig) = cli.command {
+        match serde_yaml_ng::to_string(&config) {
+            Ok(text) => {
+                println!(
+                    "# configuration is valid (secrets are file paths; no value is shown)\n{text}"
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("cannot print the configuration: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        }
+    }
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    runtime.block_on(async move {
+        let running = match server::start(config).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "start-up failed");
+                return ExitCode::from(EXIT_START);
+            }
+        };
+        tracing::info!(listen = %running.addr, admin = %running.admin_addr, "serving");
+        shutdown::signal().await;
+        running.shutdown();
+        running.wait().await;
+        tracing::info!("shut down cleanly");
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,348 @@
+//! Prometheus metrics, kept in atomics and rendered as text on the admin listener.
+//!
+//! Every label has a closed set of values (an enum, or an HTTP status code), so no label can
+//! ever carry a token, a subject or a path. Updating a metric on the request path is one
+//! relaxed atomic add.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Buckets for request and exchange latency, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram with fixed [`LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// Number of observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, n) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// A counter per value of a label whose values are the variants of `L`.
+#[derive(Debug)]
+pub struct LabeledCounter<L: Label> {
+    values: Vec<AtomicU64>,
+    _label: std::marker::PhantomData<L>,
+}
+
+/// A closed set of label values.
+pub trait Label: Copy + 'static {
+    /// Every value, in rendering order.
+    const ALL: &'static [Self];
+    /// The label's name, e.g. `reason`.
+    const NAME: &'static str;
+    /// Position in [`Label::ALL`].
+    fn index(self) -> usize;
+    /// The value as rendered.
+    fn as_str(self) -> &'static str;
+}
+
+impl<L: Label> Default for LabeledCounter<L> {
+    fn default() -> Self {
+        Self {
+            values: L::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            _label: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<L: Label> LabeledCounter<L> {
+    /// Adds one for `label`.
+    pub fn inc(&self, label: L) {
+        self.values[label.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Current value for `label`.
+    pub fn get(&self, label: L) -> u64 {
+        self.values[label.index()].load(Ordering::Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for l in L::ALL {
+            let v = self.values[l.index()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{{}=\"{}\"}} {v}", L::NAME, l.as_str());
+        }
+    }
+}
+
+/// Declares a label enum with its rendered values.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident, $label:literal, { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vdoc])* $variant),+ }
+        impl Label for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            const NAME: &'static str = $label;
+            fn index(self) -> usize { self as usize }
+            fn as_str(self) -> &'static str { match self { $(Self::$variant => $text),+ } }
+        }
+    };
+}
+
+label_enum!(
+    /// Why a client token was refused (`txp_token_rejections_total{reason}`).
+    RejectReason, "reason", {
+    /// No `Authorization: Bearer` header.
+    Missing => "missing",
+    /// Not a well-formed token.
+    Malformed => "malformed",
+    /// The signature does not verify.
+    Signature => "signature",
+    /// No published key matches the token's `kid`.
+    UnknownKey => "unknown_key",
+    /// `alg` not allowed, or not consistent with the key.
+    Algorithm => "algorithm",
+    /// `iss` is not the configured issuer.
+    Issuer => "issuer",
+    /// `aud` contains none of the accepted audiences.
+    Audience => "audience",
+    /// `exp` passed (beyond leeway).
+    Expired => "expired",
+    /// `nbf` or `iat` in the future (beyond leeway).
+    NotYetValid => "not_yet_valid",
+    /// Longer than `inbound.max_token_bytes`.
+    TooLarge => "too_large",
+    /// Introspection says the token is not active.
+    Inactive => "inactive",
+    /// A required scope is missing.
+    Scope => "scope",
+});
+
+label_enum!(
+    /// Outcome of a call to the token endpoint (`txp_exchange_requests_total{result}`).
+    ExchangeResult, "result", {
+    Success => "success",
+    /// The IdP refused the subject token or the requested scope.
+    Rejected => "rejected",
+    /// The IdP refused the proxy's own credentials.
+    ClientError => "client_error",
+    /// The IdP was unreachable, slow, or answered 5xx/429 (or the circuit was open).
+    Unavailable => "unavailable",
+    /// The IdP answered 200 with something unusable.
+    InvalidResponse => "invalid_response",
+});
+
+label_enum!(
+    /// Outcome of a JWKS fetch (`txp_jwks_refreshes_total{result}`).
+    RefreshResult, "result", {
+    Success => "success",
+    Failure => "failure",
+});
+
+label_enum!(
+    /// Kind of upstream failure (`txp_upstream_errors_total{kind}`).
+    UpstreamErrorKind, "kind", {
+    /// Connection refused, reset or timed out while connecting.
+    Connect => "connect",
+    /// No response headers within `upstream.response_header_timeout`, or a body idle too long.
+    Timeout => "timeout",
+    /// Anything else: a malformed response, a connection closed mid-body.
+    Protocol => "protocol",
+});
+
+/// Lowest and highest status codes counted individually.
+const STATUS_MIN: u16 = 100;
+const STATUS_MAX: u16 = 599;
+
+/// All of the proxy's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Vec<AtomicU64>,
+    pub request_duration: Histogram,
+    pub upstream_errors: LabeledCounter<UpstreamErrorKind>,
+    pub token_rejections: LabeledCounter<RejectReason>,
+    pub jwks_refreshes: LabeledCounter<RefreshResult>,
+    pub exchange_requests: LabeledCounter<ExchangeResult>,
+    pub exchange_duration: Histogram,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_coalesced: AtomicU64,
+    /// Filled in at render time (the cache knows its own size).
+    pub cache_entries: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: (STATUS_MIN..=STATUS_MAX)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            request_duration: Histogram::default(),
+            upstream_errors: LabeledCounter::default(),
+            token_rejections: LabeledCounter::default(),
+            jwks_refreshes: LabeledCounter::default(),
+            exchange_requests: LabeledCounter::default(),
+            exchange_duration: Histogram::default(),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+            cache_coalesced: AtomicU64::new(0),
+            cache_entries: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one finished request.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        let i = usize::from(status.clamp(STATUS_MIN, STATUS_MAX) - STATUS_MIN);
+        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        self.request_duration.observe(elapsed);
+    }
+
+    /// Requests counted with `status` so far.
+    pub fn requests_with_status(&self, status: u16) -> u64 {
+        let i = usize::from(status.clamp(STATUS_MIN, STATUS_MAX) - STATUS_MIN);
+        self.requests[i].load(Ordering::Relaxed)
+    }
+
+    /// Adds one to a plain counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        let _ = writeln!(
+            out,
+            "# HELP txp_requests_total Requests answered on the proxy listener, by status.\n# TYPE txp_requests_total counter"
+        );
+        for (i, n) in self.requests.iter().enumerate() {
+            let v = n.load(Ordering::Relaxed);
+            if v > 0 {
+                let _ = writeln!(
+                    out,
+                    "txp_requests_total{{status=\"{}\"}} {v}",
+                    i as u16 + STATUS_MIN
+                );
+            }
+        }
+        self.request_duration.render(
+            &mut out,
+            "txp_request_duration_seconds",
+            "Time from request received to response body ended.",
+        );
+        self.upstream_errors.render(
+            &mut out,
+            "txp_upstream_errors_total",
+            "Failures talking to the backend.",
+        );
+        self.token_rejections.render(
+            &mut out,
+            "txp_token_rejections_total",
+            "Client tokens refused, by reason.",
+        );
+        self.jwks_refreshes.render(
+            &mut out,
+            "txp_jwks_refreshes_total",
+            "JWKS fetches, by result.",
+        );
+        self.exchange_requests.render(
+            &mut out,
+            "txp_exchange_requests_total",
+            "Token exchange calls to the IdP, by result.",
+        );
+        self.exchange_duration.render(
+            &mut out,
+            "txp_exchange_duration_seconds",
+            "Duration of token exchange calls to the IdP.",
+        );
+        for (name, help, v) in [
+            (
+                "txp_exchange_cache_hits_total",
+                "Requests served from the exchange cache.",
+                &self.cache_hits,
+            ),
+            (
+                "txp_exchange_cache_misses_total",
+                "Requests that called the IdP.",
+                &self.cache_misses,
+            ),
+            (
+                "txp_exchange_cache_coalesced_total",
+                "Requests that waited for another request's exchange of the same token.",
+                &self.cache_coalesced,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP txp_exchange_cache_entries Exchanged tokens held in the cache.\n# TYPE txp_exchange_cache_entries gauge\ntxp_exchange_cache_entries {}",
+            self.cache_entries.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_lists_every_label_value_and_counts() {
+        let m = Metrics::default();
+        m.request(200, Duration::from_millis(3));
+        m.request(200, Duration::from_millis(30));
+        m.request(401, Duration::from_micros(10));
+        m.token_rejections.inc(RejectReason::Expired);
+        let text = m.render();
+        assert!(
+            text.contains("txp_requests_total{status=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("txp_requests_total{status=\"401\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("txp_token_rejections_total{reason=\"expired\"} 1"));
+        assert!(text.contains("txp_token_rejections_total{reason=\"not_yet_valid\"} 0"));
+        assert!(text.contains("txp_request_duration_seconds_count 3"));
+        assert!(
+            text.contains("txp_request_duration_seconds_bucket{le=\"0.005\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("txp_upstream_errors_total{kind=\"connect\"} 0"));
+        assert!(text.contains("txp_exchange_cache_entries 0"));
+    }
+}

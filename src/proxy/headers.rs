@@ -1,0 +1,202 @@
+//! Header rules for forwarding (RFC 9110 §7.6.1 hop-by-hop fields, `X-Forwarded-*`).
+//!
+//! Pure functions over [`HeaderMap`]s, so that the rules can be tested exhaustively.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Fields that are hop-by-hop whether or not `Connection` names them (RFC 9110 §7.6.1, plus
+/// the legacy `Keep-Alive` and `Proxy-Connection`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// `X-Forwarded-For`, `-Proto`, `-Host` (de facto standard, as set by most proxies).
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes every hop-by-hop field: the fixed list and every name listed in *any* `Connection`
+/// field (all values, not only the first header).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Prepares request headers for the backend: removes hop-by-hop fields and the client's
+/// credentials, sets `Authorization` (when given), `Host` and `X-Forwarded-*`.
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    authorization: Option<HeaderValue>,
+    client_ip: IpAddr,
+    original_host: Option<HeaderValue>,
+    proto: &'static str,
+    upstream_host: &HeaderValue,
+    preserve_host: bool,
+) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    if let Some(mut auth) = authorization {
+        auth.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, auth);
+    }
+    append_forwarded_for(headers, client_ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    match &original_host {
+        Some(h) => {
+            headers.insert(X_FORWARDED_HOST, h.clone());
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+    let host = match (preserve_host, original_host) {
+        (true, Some(h)) => h,
+        _ => upstream_host.clone(),
+    };
+    headers.insert(header::HOST, host);
+}
+
+/// Appends the client's address to `X-Forwarded-For`, folding multiple fields into one.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let existing: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let value = if existing.is_empty() {
+        ip.to_string()
+    } else {
+        format!("{}, {ip}", existing.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn every_connection_header_value_is_removed() {
+        let mut h = map(&[
+            ("connection", "x-a"),
+            ("connection", "x-b, keep-alive"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-a").is_none());
+        assert!(h.get("x-b").is_none());
+        assert!(h.get("connection").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get("te").is_none());
+        assert!(h.get("upgrade").is_none());
+        assert_eq!(h.get("x-c").map(|v| v.as_bytes()), Some(&b"3"[..]));
+    }
+
+    #[test]
+    fn client_credentials_are_replaced_and_forwarding_headers_set() {
+        let mut h = map(&[
+            ("authorization", "Bearer client"),
+            ("proxy-authorization", "Basic eA=="),
+            ("x-forwarded-for", "10.0.0.1"),
+            ("mcp-session-id", "abc"),
+            ("last-event-id", "7"),
+            ("mcp-protocol-version", "2025-11-25"),
+        ]);
+        let upstream = HeaderValue::from_static("127.0.0.1:8000");
+        prepare_request(
+            &mut h,
+            Some(HeaderValue::from_static("Bearer exchanged")),
+            "127.0.0.9".parse().expect("ip"),
+            Some(HeaderValue::from_static("mcp.example.com")),
+            "https",
+            &upstream,
+            false,
+        );
+        assert_eq!(h.get_all("authorization").iter().count(), 1);
+        assert_eq!(h["authorization"], "Bearer exchanged");
+        assert!(h["authorization"].is_sensitive());
+        assert!(h.get("proxy-authorization").is_none());
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "mcp.example.com");
+        assert_eq!(h["host"], "127.0.0.1:8000");
+        assert_eq!(h["mcp-session-id"], "abc");
+        assert_eq!(h["last-event-id"], "7");
+        assert_eq!(h["mcp-protocol-version"], "2025-11-25");
+    }
+
+    #[test]
+    fn preserve_host_keeps_the_original_host() {
+        let mut h = HeaderMap::new();
+        let upstream = HeaderValue::from_static("127.0.0.1:8000");
+        prepare_request(
+            &mut h,
+            None,
+            "127.0.0.1".parse().expect("ip"),
+            Some(HeaderValue::from_static("public.example")),
+            "http",
+            &upstream,
+            true,
+        );
+        assert_eq!(h["host"], "public.example");
+        assert!(h.get("authorization").is_none());
+    }
+
+    proptest! {
+        /// Whatever the client lists in Connection, none of it survives, and neither does any
+        /// credential it sent.
+        #[test]
+        fn no_named_or_credential_header_survives(names in proptest::collection::vec("x-[a-z]{1,8}", 1..6)) {
+            let mut h = HeaderMap::new();
+            for n in &names {
+                h.append(header::CONNECTION, HeaderValue::from_str(n).expect("value"));
+                h.append(HeaderName::from_bytes(n.as_bytes()).expect("name"), HeaderValue::from_static("v"));
+            }
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+            let upstream = HeaderValue::from_static("u");
+            prepare_request(&mut h, None, "127.0.0.1".parse().expect("ip"), None, "http", &upstream, false);
+            for n in &names {
+                prop_assert!(h.get(n.as_str()).is_none());
+            }
+            prop_assert!(h.get(header::AUTHORIZATION).is_none());
+            prop_assert!(h.get(header::CONNECTION).is_none());
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The request path of the proxy listener.
+//!
+//! [`handle`] reads top to bottom: RFC 9728 metadata → public path? → bearer token →
+//! validate → exchange (cached) or pass through → rewrite headers → forward → stream the
+//! response back, logging when its body ends.
+
+pub mod body;
+pub mod headers;
+pub mod metadata;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+
+use crate::config::{Config, Mode};
+use crate::error::{self, Denial};
+use crate::exchange::Exchanger;
+use crate::inbound::Validator;
+use crate::metrics::{Metrics, UpstreamErrorKind};
+pub use body::{AccessLog, ProxyBody};
+
+/// Everything the request path needs, shared by all connections.
+pub struct AppState {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub validator: Arc<Validator>,
+    /// `None` in passthrough mode.
+    pub exchanger: Option<Arc<Exchanger>>,
+    pub client: upstream::UpstreamClient,
+    /// `Host` sent to the backend unless `preserve_host`.
+    pub upstream_host: HeaderValue,
+    /// `scheme://authority` of the backend.
+    upstream_base: String,
+    /// `X-Forwarded-Proto`: the scheme of `public_url`, else `http`.
+    forwarded_proto: &'static str,
+}
+
+impl AppState {
+    /// Assembles the state; the validator and exchanger are built by the caller.
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        validator: Arc<Validator>,
+        exchanger: Option<Arc<Exchanger>>,
+    ) -> Self {
+        let client = upstream::client(&config.upstream);
+        let authority = match config.upstream.url.port() {
+            Some(p) => format!(
+                "{}:{p}",
+                config.upstream.url.host_str().unwrap_or("localhost")
+            ),
+            None => config
+                .upstream
+                .url
+                .host_str()
+                .unwrap_or("localhost")
+                .to_owned(),
+        };
+        let upstream_host = HeaderValue::from_str(&authority)
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let upstream_base = format!("{}://{authority}", config.upstream.url.scheme());
+        let forwarded_proto = match config.public_url.as_ref().map(url::Url::scheme) {
+            Some("https") => "https",
+            _ => "http",
+        };
+        Self {
+            config,
+            metrics,
+            validator,
+            exchanger,
+            client,
+            upstream_host,
+            upstream_base,
+            forwarded_proto,
+        }
+    }
+
+    /// True when `path` falls under one of `inbound.public_paths` (whole segments only) and
+    /// carries nothing a backend might normalise into another path (dot segments, encoded
+    /// slashes or dots, backslashes).
+    pub fn is_public(&self, path: &str) -> bool {
+        is_public_path(&self.config.inbound.public_paths, path)
+    }
+}
+
+/// See [`AppState::is_public`].
+pub fn is_public_path(prefixes: &[String], path: &str) -> bool {
+    if prefixes.is_empty() || !is_plain_path(path) {
+        return false;
+    }
+    prefixes.iter().any(|p| {
+        path == p
+            || (path.starts_with(p.as_str())
+                && (p.ends_with('/') || path.as_bytes().get(p.len()) == Some(&b'/')))
+    })
+}
+
+fn is_plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    !(lower.contains("%2e")
+        || lower.contains("%2f")
+        || lower.contains("%5c")
+        || path.contains('\\'))
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// Handles one request on the proxy listener.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<ProxyBody> {
+    let mut log = AccessLog::new(
+        state.metrics.clone(),
+        req.method().clone(),
+        req.uri().path(),
+    );
+    let path = req.uri().path();
+
+    // RFC 9728 metadata: public by definition.
+    if metadata::is_metadata_path(path) && matches!(*req.method(), Method::GET | Method::HEAD) {
+        let origin = metadata::origin(state.config.public_url.as_ref(), req.headers(), req.uri());
+        let doc = metadata::document(&state.config.protected_resource, &origin, path);
+        log.outcome = "metadata";
+        return json_response(StatusCode::OK, doc.to_string(), log);
+    }
+
+    // Authenticate unless the path is public.
+    let authorization = if state.is_public(path) {
+        log.outcome = "public";
+        None
+    } else {
+        match authorize(&state, &req, &mut log).await {
+            Ok(value) => Some(value),
+            Err(denial) => return deny(&state, &req, &denial, log),
+        }
+    };
+
+    forward(&state, req, remote, authorization, log).await
+}
+
+/// Extracts and validates the bearer token, then exchanges it (or passes it through).
+/// Returns the `Authorization` value for the backend.
+async fn authorize(
+    state: &AppState,
+    req: &Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<HeaderValue, Denial> {
+    let token = bearer_token(req.headers(), state.config.inbound.max_token_bytes)?;
+    let principal = state
+        .validator
+        .validate(token)
+        .await
+        .map_err(Denial::Inbound)?;
+    log.sub = principal.sub.clone();
+    match (&state.config.mode, &state.exchanger) {
+        (Mode::Exchange, Some(exchanger)) => {
+            let exchanged = exchanger
+                .exchange(token, principal.expires_at)
+                .await
+                .map_err(Denial::Exchange)?;
+            log.cache = Some(exchanged.cache.as_str());
+            Ok(exchanged.authorization)
+        }
+        (Mode::Passthrough, _) | (Mode::Exchange, None) => {
+            let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| Denial::MalformedToken)?;
+            v.set_sensitive(true);
+            Ok(v)
+        }
+    }
+}
+
+/// The token of the request's single `Authorization: Bearer` header (RFC 6750 §2.1; the
+/// scheme is case-insensitive, RFC 9110 §11.1).
+pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str, Denial> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(Denial::MissingToken);
+    };
+    if values.next().is_some() {
+        return Err(Denial::MalformedToken);
+    }
+    let bytes = value.as_bytes();
+    if bytes.len() < 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+        // Another scheme (Basic, …) carries no bearer token.
+        return if bytes.len() >= 6 && bytes[..6].eq_ignore_ascii_case(b"bearer") {
+            Err(Denial::MalformedToken)
+        } else {
+            Err(Denial::MissingToken)
+        };
+    }
+    let token = value.to_str().map_err(|_| Denial::MalformedToken)?[7..].trim_matches(' ');
+    if token.len() > max_bytes {
+        return Err(Denial::TokenTooLarge);
+    }
+    // b64token (RFC 6750 §2.1): ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" *"="
+    let body = token.trim_end_matches('=');
+    if body.is_empty()
+        || !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+    {
+        return Err(Denial::MalformedToken);
+    }
+    Ok(token)
+}
+
+/// Sends the request to the backend and streams the response back.
+async fn forward(
+    state: &AppState,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    authorization: Option<HeaderValue>,
+    mut log: AccessLog,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = match format!("{}{path_and_query}", state.upstream_base).parse() {
+        Ok(u) => u,
+        Err(_) => {
+            log.outcome = "bad_request";
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                error::json_error("invalid_request", "bad request target"),
+                log,
+            );
+        }
+    };
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    headers::prepare_request(
+        &mut parts.headers,
+        authorization,
+        remote.ip(),
+        original_host,
+        state.forwarded_proto,
+        &state.upstream_host,
+        state.config.upstream.preserve_host,
+    );
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let timeout = state.config.upstream.response_header_timeout;
+    let result = tokio::time::timeout(timeout, state.client.request(upstream_req)).await;
+    let kind = match result {
+        Ok(Ok(mut resp)) => {
+            headers::strip_hop_by_hop(resp.headers_mut());
+            log.status = resp.status().as_u16();
+            return resp.map(|b| ProxyBody::upstream(b, log, state.config.upstream.idle_timeout));
+        }
+        Ok(Err(e)) => {
+            let kind = upstream::classify(&e);
+            tracing::warn!(error = %e, kind = ?kind, "backend request failed");
+            kind
+        }
+        Err(_) => UpstreamErrorKind::Timeout,
+    };
+    state.metrics.upstream_errors.inc(kind);
+    let reply = error::reply(&Denial::Upstream(kind), "");
+    log.outcome = reply.outcome;
+    reply_response(&reply, log)
+}
+
+/// Answers a request the proxy refuses.
+fn deny(
+    state: &AppState,
+    req: &Request<Incoming>,
+    denial: &Denial,
+    mut log: AccessLog,
+) -> Response<ProxyBody> {
+    let origin = metadata::origin(state.config.public_url.as_ref(), req.headers(), req.uri());
+    let resource =
+        metadata::resource_for(&state.config.protected_resource, &origin, req.uri().path());
+    let reply = error::reply(denial, &metadata::metadata_url(&resource));
+    if let Some(reason) = reply.rejection {
+        state.metrics.token_rejections.inc(reason);
+    }
+    log.outcome = reply.outcome;
+    reply_response(&reply, log)
+}
+
+fn reply_response(reply: &error::Reply, mut log: AccessLog) -> Response<ProxyBody> {
+    log.status = reply.status.as_u16();
+    let mut resp = Response::new(ProxyBody::fixed(Bytes::from(reply.body.clone()), log));
+    *resp.status_mut() = reply.status;
+    error::apply_headers(reply, resp.headers_mut());
+    resp
+}
+
+fn json_response(status: StatusCode, body: String, mut log: AccessLog) -> Response<ProxyBody> {
+    log.status = status.as_u16();
+    let mut resp = Response::new(ProxyBody::fixed(Bytes::from(body), log));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(v: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(v).expect("value"),
+        );
+        h
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(
+            bearer_token(&auth("Bearer abc.def.ghi"), 100),
+            Ok("abc.def.ghi")
+        );
+        assert_eq!(bearer_token(&auth("bEaReR abc"), 100), Ok("abc"));
+    }
+
+    #[test]
+    fn bad_authorization_headers_are_classified() {
+        assert_eq!(
+            bearer_token(&http::HeaderMap::new(), 100),
+            Err(Denial::MissingToken)
+        );
+        assert_eq!(
+            bearer_token(&auth("Basic dXNlcg=="), 100),
+            Err(Denial::MissingToken)
+        );
+        assert_eq!(
+            bearer_token(&auth("Bearer"), 100),
+            Err(Denial::MalformedToken)
+        );
+        assert_eq!(
+            bearer_token(&auth("Bearer "), 100),
+            Err(Denial::MalformedToken)
+        );
+        assert_eq!(
+            bearer_token(&auth("Bearer a b"), 100),
+            Err(Denial::MalformedToken)
+        );
+        assert_eq!(
+            bearer_token(&auth("Bearer a\"b"), 100),
+            Err(Denial::MalformedToken)
+        );
+        assert_eq!(
+            bearer_token(&auth(&format!("Bearer {}", "a".repeat(101))), 100),
+            Err(Denial::TokenTooLarge)
+        );
+        let mut two = auth("Bearer a");
+        two.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(bearer_token(&two, 100), Err(Denial::MalformedToken));
+    }
+
+    #[test]
+    fn public_paths_match_whole_segments_only() {
+        let p = vec!["/health".to_string(), "/static/".to_string()];
+        assert!(is_public_path(&p, "/health"));
+        assert!(is_public_path(&p, "/health/live"));
+        assert!(!is_public_path(&p, "/healthz-admin"));
+        assert!(is_public_path(&p, "/static/app.js"));
+        assert!(!is_public_path(&p, "/health/../mcp"));
+        assert!(!is_public_path(&[], "/health"));
+    }
+
+    #[test]
+    fn plain_paths_exclude_traversal_tricks() {
+        assert!(is_plain_path("/health/live"));
+        assert!(!is_plain_path("/health/../admin"));
+        assert!(!is_plain_path("/health/%2e%2e/admin"));
+        assert!(!is_plain_path("/health%2Fadmin"));
+        assert!(!is_plain_path("/health\\admin"));
+    }
+}

@@ -1,0 +1,134 @@
+//! The binary's command line: `check-config` exit codes, messages, shipped configs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_token-exchange-proxy"))
+}
+
+fn check(path: &Path) -> (i32, String, String) {
+    let out = bin()
+        .arg("check-config")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run");
+    (
+        out.status.code().expect("exit code"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every proxy config the repository ships: `config/*.yaml` and `k8s/**/config*.yaml`.
+fn shipped_configs() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>, k8s: bool) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out, k8s);
+            } else {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let yaml = name.ends_with(".yaml") || name.ends_with(".yml");
+                if yaml && (!k8s || name.starts_with("config")) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    walk(&root.join("config"), &mut out, false);
+    walk(&root.join("k8s"), &mut out, true);
+    out.sort();
+    out
+}
+
+#[test]
+fn every_shipped_config_passes_check_config() {
+    let configs = shipped_configs();
+    assert!(
+        configs.iter().any(|p| p.ends_with("config/example.yaml")),
+        "{configs:?}"
+    );
+    for path in configs {
+        let (code, stdout, stderr) = check(&path);
+        assert_eq!(code, 0, "{}: {stderr}", path.display());
+        assert!(stdout.contains("upstream:"), "{stdout}");
+    }
+}
+
+#[test]
+fn unknown_key_exits_64_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "upstream: {url: 'http://127.0.0.1:8000'}\ninbound: {issuer: 'https://idp', audiences: [a]}\nexchange: {client_id: c, client_auth: {secret_file: /s}}\nupstreams: {}\n",
+    )
+    .expect("write");
+    let (code, stdout, stderr) = check(&path);
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(stderr.contains("upstreams"), "{stderr}");
+    assert!(stdout.is_empty());
+}
+
+#[test]
+fn invalid_values_exit_64_one_line_per_problem_without_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        "listen: nowhere\nupstream: {url: 'http://127.0.0.1:8000', connect_timeout: 5 parsecs}\ninbound: {issuer: 'https://idp', audiences: [a]}\nexchange: {client_id: c, client_auth: {method: 'hunter2-secret-value'}}\n",
+    )
+    .expect("write");
+    let (code, _, stderr) = check(&path);
+    assert_eq!(code, 64);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(lines.iter().any(|l| l.contains("listen:")));
+    assert!(lines.iter().any(|l| l.contains("upstream.connect_timeout")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("exchange.client_auth.method"))
+    );
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn flags_override_the_file_and_environment_overrides_the_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(root.join("config/example.yaml"))
+        .args(["--upstream", "http://127.0.0.1:7001"])
+        .env("TXP_UPSTREAM", "http://127.0.0.1:7002")
+        .env("TXP_LISTEN", "127.0.0.1:7003")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("http://127.0.0.1:7001/"), "{stdout}");
+    assert!(stdout.contains("listen: 127.0.0.1:7003"), "{stdout}");
+}
+
+#[test]
+fn help_documents_environment_variables() {
+    let out = bin().arg("--help").output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "check-config",
+        "--upstream",
+        "TXP_UPSTREAM",
+        "--client-secret-file",
+        "--exchange-audience",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle}");
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: in-process peers on 127.0.0.1:0, the proxy in-process or as its binary.
+
+mod support;
+
+mod cli;
+mod forwarding;
+mod shutdown;
