@@ -28,6 +28,7 @@ unit:
 
 deploy-check:
 	bash scripts/check-deploy.sh
+	bash scripts/check-deploy-selftest.sh
 
 e2e: build
 	TXP_BIN=$(TXP_BIN) bash e2e/run.sh
