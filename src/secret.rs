@@ -62,10 +62,10 @@ impl SecretFile {
             modified: meta.modified().ok(),
             len: meta.len(),
         };
-        if let Some((s, value)) = self.lock().as_ref() {
-            if *s == stamp {
-                return Ok(value.clone());
-            }
+        if let Some((s, value)) = self.lock().as_ref()
+            && *s == stamp
+        {
+            return Ok(value.clone());
         }
         let value = read_trimmed(&self.path).await?;
         *self.lock() = Some((stamp, value.clone()));

@@ -45,6 +45,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Idp(#[from] IdpError),
+    #[error(transparent)]
+    Exchange(#[from] crate::exchange::SetupError),
 }
 
 /// A started proxy.
@@ -111,7 +113,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 idp.clone(),
                 metrics.clone(),
                 readiness.clone(),
-            ));
+            )?);
             e.start();
             Some(e)
         }

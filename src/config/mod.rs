@@ -352,14 +352,16 @@ impl Checker {
             self.problem(key, "must not contain credentials");
             return None;
         }
-        if let Some(allow) = idp_plain_ok {
-            if url.scheme() == "http" && !allow && !is_loopback(&url) {
-                self.problem(
-                    key,
-                    "plain http to a non-loopback IdP is refused (use https, or set idp_tls.allow_plain_http)",
-                );
-                return None;
-            }
+        if let Some(allow) = idp_plain_ok
+            && url.scheme() == "http"
+            && !allow
+            && !is_loopback(&url)
+        {
+            self.problem(
+                key,
+                "plain http to a non-loopback IdP is refused (use https, or set idp_tls.allow_plain_http)",
+            );
+            return None;
         }
         Some(url)
     }
@@ -420,10 +422,10 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }
     };
     let public_url = c.opt_url("public_url", raw.public_url.as_deref(), None);
-    if let Some(u) = &public_url {
-        if u.query().is_some() || u.fragment().is_some() {
-            c.problem("public_url", "must not have a query or fragment");
-        }
+    if let Some(u) = &public_url
+        && (u.query().is_some() || u.fragment().is_some())
+    {
+        c.problem("public_url", "must not have a query or fragment");
     }
 
     let allow_plain_http = raw.idp_tls.allow_plain_http.unwrap_or(false);
@@ -477,11 +479,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let issuer = c
         .required("inbound.issuer", i.issuer.as_deref())
         .map(String::from);
-    if let Some(iss) = &issuer {
-        if i.discovery_url.is_none() {
-            // Discovery is derived from the issuer, so it must be a usable URL.
-            c.url("inbound.issuer", iss, idp);
-        }
+    if let Some(iss) = &issuer
+        && i.discovery_url.is_none()
+    {
+        // Discovery is derived from the issuer, so it must be a usable URL.
+        c.url("inbound.issuer", iss, idp);
     }
     let discovery_url = c.opt_url("inbound.discovery_url", i.discovery_url.as_deref(), idp);
     let jwks_uri = c.opt_url("inbound.jwks_uri", i.jwks_uri.as_deref(), idp);

@@ -1,22 +1,77 @@
 //! RFC 8693 token exchange with a single-flight cache.
 //!
-//! PLACEHOLDER: every exchange fails until the exchanger is implemented.
+//! For every validated request the proxy calls [`Exchanger::exchange`] with the client's token
+//! (the *subject token*). The answer is the `Authorization` value for the backend:
+//!
+//! 1. **Cache hit** (the hot path): one SHA-256 over the subject token (the parameter part of
+//!    the key is precomputed), one cache lookup, one [`HeaderValue`] clone.
+//! 2. **Miss**: one POST to the token endpoint ([`request`]), authenticated as configured
+//!    ([`client_auth`]); the answer is checked ([`response`]) and cached for the earliest of
+//!    the issued token's, the subject token's and `cache.max_ttl`'s end, minus
+//!    `cache.expiry_margin` (module `cache`). Concurrent misses for one key make one call; the
+//!    others wait for it and share its result, success or failure (failures are never kept).
+//! 3. A [`breaker`] stops calling an IdP that keeps failing and answers `Unavailable` at once.
+//!
+//! Failures are split by whose fault they are ([`ExchangeError`], SPEC "Exchange outcomes").
+//! The token endpoint comes from `exchange.token_endpoint`, else from discovery of
+//! `exchange.issuer`, retried in the background; until it is known `/readyz` reports
+//! `token_endpoint` pending and exchanges answer `Unavailable`.
+//!
+//! Decisions where SPEC is silent:
+//! - An exchange whose cacheable window is empty (the subject token or the issued token
+//!   expires within `expiry_margin`) is still used, for the request that made it and any
+//!   requests coalesced onto it, but is not kept: refusing a client whose token is still
+//!   valid would be worse than handing the backend a short-lived token.
+//! - An issued token that is already expired (`expires_in: 0`, or a past `exp`) is unusable.
+//! - A 4xx with an unknown or missing `error` code, and any 401/403, is the proxy's side
+//!   (`ClientRejected`, 502); see `response::classify`.
+//! - A secret or key file that cannot be read at request time is `ClientRejected` (502) and
+//!   logged with the file's path; at start-up it fails [`Exchanger::new`].
 
-use std::sync::Arc;
-use std::time::Duration;
+pub mod breaker;
+mod cache;
+pub mod client_auth;
+pub mod request;
+pub mod response;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
+use moka::ops::compute::Op;
+use tokio::time::Instant;
+use url::Url;
 
 use crate::config::{Cache, Exchange};
-use crate::idp::IdpClient;
-use crate::metrics::Metrics;
+use crate::idp::{self, IdpClient, IdpError};
+use crate::metrics::{ExchangeResult, Metrics};
 use crate::readiness::Readiness;
+
+use breaker::Breaker;
+pub use breaker::{BreakerSettings, BreakerState};
+use cache::{CacheKey, CachedToken, EntryExpiry, KeyDeriver};
+use client_auth::ClientAuthenticator;
+pub use client_auth::CredentialError;
+use request::FormTemplate;
+use response::{Refusal, Unusable};
+
+/// The `/readyz` item pending until the token endpoint is known.
+pub const READINESS_ITEM: &str = "token_endpoint";
+/// First wait before retrying a failed discovery of the token endpoint.
+pub const DISCOVERY_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between discovery attempts: an IdP that comes up is noticed within this.
+pub const DISCOVERY_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Where an exchanged token came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
+    /// Served from the cache.
     Hit,
+    /// This request called the IdP.
     Miss,
+    /// This request waited for another request's call for the same key.
     Coalesced,
 }
 
@@ -45,13 +100,15 @@ pub enum ExchangeError {
     /// The IdP refused the subject token: 401 `invalid_token`.
     #[error("the IdP rejected the subject token")]
     SubjectRejected,
-    /// The IdP refused the requested scope: 403 `insufficient_scope`.
+    /// The IdP refused the requested scope: 403 `insufficient_scope`. `scope` is the
+    /// configured `exchange.scope`, the scope that was asked for.
     #[error("the IdP rejected the requested scope")]
     ScopeRejected { scope: Option<String> },
-    /// The IdP refused the proxy's own credentials: 502.
+    /// The IdP refused the proxy's own credentials (or they could not be read): 502.
     #[error("the IdP rejected the proxy's client credentials")]
     ClientRejected,
-    /// The IdP is unreachable, slow, or answered 5xx/429: 503 with `Retry-After`.
+    /// The IdP is unreachable, slow, or answered 5xx/429, or the circuit is open: 503 with
+    /// `Retry-After`.
     #[error("the IdP is unavailable")]
     Unavailable { retry_after: Duration },
     /// The IdP answered 200 with something unusable: 502.
@@ -59,42 +116,412 @@ pub enum ExchangeError {
     InvalidResponse,
 }
 
+/// Why the exchanger could not be set up (a start-up failure).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A secret or key file named in `exchange.client_auth` is unreadable or unusable.
+    #[error("exchange.client_auth: {0}")]
+    Credentials(#[from] CredentialError),
+}
+
+/// Settings that have no config key (SPEC defines none); tests shorten them.
+#[derive(Debug, Clone)]
+pub struct ExchangerOptions {
+    /// Circuit breaker thresholds; default [`breaker::DEFAULT_FAILURE_THRESHOLD`] failures,
+    /// [`breaker::DEFAULT_COOL_DOWN`].
+    pub breaker: BreakerSettings,
+    /// First wait before retrying discovery; doubles up to [`DISCOVERY_RETRY_MAX`].
+    pub discovery_retry: Duration,
+}
+
+impl Default for ExchangerOptions {
+    fn default() -> Self {
+        Self {
+            breaker: BreakerSettings::default(),
+            discovery_retry: DISCOVERY_RETRY_MIN,
+        }
+    }
+}
+
 /// Exchanges subject tokens, with a cache.
-#[derive(Debug)]
 pub struct Exchanger {
-    _config: Exchange,
+    cache: moka::future::Cache<CacheKey, CachedToken>,
+    keys: KeyDeriver,
+    form: FormTemplate,
+    auth: ClientAuthenticator,
+    /// Configured, or set once by discovery.
+    endpoint: OnceLock<Url>,
+    issuer: String,
+    scope: Option<String>,
+    requested_token_type: String,
+    timeout: Duration,
+    max_ttl: Duration,
+    expiry_margin: Duration,
+    breaker: Breaker,
+    options: ExchangerOptions,
+    idp: IdpClient,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+impl fmt::Debug for Exchanger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Exchanger")
+            .field("token_endpoint", &self.endpoint.get().map(Url::as_str))
+            .field("auth", &self.auth)
+            .field("entries", &self.cache.entry_count())
+            .field("breaker", &self.breaker.state())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Exchanger {
-    /// Builds the exchanger; registers what `/readyz` waits for.
+    /// Builds the exchanger; registers what `/readyz` waits for. Fails if a file named in
+    /// `exchange.client_auth` cannot be read (or the private key parsed).
     pub fn new(
         config: &Exchange,
-        _cache: &Cache,
-        _idp: IdpClient,
-        _metrics: Arc<Metrics>,
-        _readiness: Arc<Readiness>,
-    ) -> Self {
-        Self {
-            _config: config.clone(),
-        }
+        cache: &Cache,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+    ) -> Result<Self, SetupError> {
+        Self::with_options(
+            config,
+            cache,
+            idp,
+            metrics,
+            readiness,
+            ExchangerOptions::default(),
+        )
     }
 
-    /// Starts background work (token endpoint discovery).
-    pub fn start(self: &Arc<Self>) {}
-
-    /// Exchanges `subject` (a validated client token expiring at `subject_expires_at`).
-    pub async fn exchange(
-        &self,
-        _subject: &str,
-        _subject_expires_at: Option<u64>,
-    ) -> Result<Exchanged, ExchangeError> {
-        Err(ExchangeError::Unavailable {
-            retry_after: Duration::from_secs(1),
+    /// [`Exchanger::new`] with non-default [`ExchangerOptions`].
+    pub fn with_options(
+        config: &Exchange,
+        cache: &Cache,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        options: ExchangerOptions,
+    ) -> Result<Self, SetupError> {
+        let auth = ClientAuthenticator::new(&config.client_id, &config.client_auth)?;
+        let endpoint = OnceLock::new();
+        match &config.token_endpoint {
+            Some(url) => {
+                let _ = endpoint.set(url.clone());
+            }
+            None => readiness.pending(READINESS_ITEM),
+        }
+        Ok(Self {
+            cache: moka::future::Cache::builder()
+                .max_capacity(cache.max_entries)
+                .expire_after(EntryExpiry)
+                .build(),
+            keys: KeyDeriver::new(config),
+            form: FormTemplate::new(config),
+            auth,
+            endpoint,
+            issuer: config.issuer.clone(),
+            scope: config.scope.clone(),
+            requested_token_type: config.requested_token_type.clone(),
+            timeout: config.timeout,
+            max_ttl: cache.max_ttl,
+            expiry_margin: cache.expiry_margin,
+            breaker: Breaker::new(options.breaker),
+            options,
+            idp,
+            metrics,
+            readiness,
         })
     }
 
-    /// Entries currently cached.
+    /// Starts background work: discovery of the token endpoint when none is configured,
+    /// retried with exponential backoff until it succeeds.
+    pub fn start(self: &Arc<Self>) {
+        if self.endpoint.get().is_some() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let first = self.options.discovery_retry;
+        tokio::spawn(discover_until_known(weak, first));
+    }
+
+    /// The token endpoint, once known.
+    pub fn token_endpoint(&self) -> Option<&Url> {
+        self.endpoint.get()
+    }
+
+    /// The circuit breaker's state.
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Exchanges `subject` (a validated client token expiring at `subject_expires_at`,
+    /// seconds since the Unix epoch).
+    pub async fn exchange(
+        &self,
+        subject: &str,
+        subject_expires_at: Option<u64>,
+    ) -> Result<Exchanged, ExchangeError> {
+        let key = self.keys.key(subject);
+        if let Some(entry) = self.cache.get(&key).await {
+            if entry.is_servable(Instant::now()) {
+                Metrics::inc(&self.metrics.cache_hits);
+                return Ok(Exchanged {
+                    authorization: entry.authorization,
+                    cache: CacheStatus::Hit,
+                });
+            }
+            self.evict_if_stale(key).await;
+        }
+
+        // Single flight: moka runs one `init` per key; concurrent callers wait for its result
+        // (a failure included) without polling their own.
+        let called = AtomicBool::new(false);
+        let init = async {
+            called.store(true, Ordering::Relaxed);
+            self.call_idp(subject, subject_expires_at).await
+        };
+        let result = self.cache.entry(key).or_try_insert_with(init).await;
+        let status = if called.load(Ordering::Relaxed) {
+            Metrics::inc(&self.metrics.cache_misses);
+            CacheStatus::Miss
+        } else {
+            Metrics::inc(&self.metrics.cache_coalesced);
+            CacheStatus::Coalesced
+        };
+        match result {
+            Ok(entry) => Ok(Exchanged {
+                authorization: entry.into_value().authorization,
+                cache: status,
+            }),
+            Err(e) => Err(ExchangeError::clone(&e)),
+        }
+    }
+
+    /// Entries currently cached (approximate until [`Exchanger::sync`]).
     pub fn entry_count(&self) -> u64 {
-        0
+        self.cache.entry_count()
+    }
+
+    /// Runs the cache's pending maintenance (expiry, eviction, counts) now.
+    pub async fn sync(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    /// Removes the entry for `key` if it is still one that may not be served (moka's clock
+    /// has not expired it yet); a fresh entry put there meanwhile is kept.
+    async fn evict_if_stale(&self, key: CacheKey) {
+        let now = Instant::now();
+        self.cache
+            .entry(key)
+            .and_compute_with(|e| {
+                let stale = e.is_some_and(|e| !e.value().is_servable(now));
+                std::future::ready(if stale { Op::Remove } else { Op::Nop })
+            })
+            .await;
+    }
+
+    /// One call to the token endpoint, with its metrics, logs and breaker bookkeeping.
+    async fn call_idp(
+        &self,
+        subject: &str,
+        subject_expires_at: Option<u64>,
+    ) -> Result<CachedToken, ExchangeError> {
+        let Some(endpoint) = self.endpoint.get() else {
+            tracing::debug!("token exchange: the token endpoint is not known yet");
+            self.metrics
+                .exchange_requests
+                .inc(ExchangeResult::Unavailable);
+            return Err(ExchangeError::Unavailable {
+                retry_after: response::DEFAULT_RETRY_AFTER,
+            });
+        };
+        let permit = match self.breaker.try_acquire(Instant::now()) {
+            Ok(p) => p,
+            Err(wait) => {
+                self.metrics
+                    .exchange_requests
+                    .inc(ExchangeResult::Unavailable);
+                return Err(ExchangeError::Unavailable {
+                    retry_after: response::whole_seconds(wait),
+                });
+            }
+        };
+        let credentials = match self.auth.credentials(endpoint).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "token exchange: the client credentials cannot be used");
+                self.metrics
+                    .exchange_requests
+                    .inc(ExchangeResult::ClientError);
+                return Err(ExchangeError::ClientRejected);
+            }
+        };
+        let body = self.form.body(subject, &credentials.params);
+        drop(credentials.params);
+        let started = std::time::Instant::now();
+        let answer = request::post(
+            self.idp.http(),
+            endpoint,
+            body,
+            credentials.authorization,
+            self.timeout,
+        )
+        .await;
+        self.metrics.exchange_duration.observe(started.elapsed());
+
+        let (outcome, idp_available) = self.judge(answer, subject_expires_at);
+        permit.record(idp_available, Instant::now());
+        self.metrics.exchange_requests.inc(match &outcome {
+            Ok(_) => ExchangeResult::Success,
+            Err(ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. }) => {
+                ExchangeResult::Rejected
+            }
+            Err(ExchangeError::ClientRejected) => ExchangeResult::ClientError,
+            Err(ExchangeError::Unavailable { .. }) => ExchangeResult::Unavailable,
+            Err(ExchangeError::InvalidResponse) => ExchangeResult::InvalidResponse,
+        });
+        outcome
+    }
+
+    /// Turns the IdP's answer into a cache entry or an error, logging why; the flag says
+    /// whether the IdP was available (for the breaker).
+    fn judge(
+        &self,
+        answer: Result<request::Answer, IdpError>,
+        subject_expires_at: Option<u64>,
+    ) -> (Result<CachedToken, ExchangeError>, bool) {
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    cause = %causes(&e),
+                    "token exchange: the IdP cannot be reached"
+                );
+                let retry_after = response::DEFAULT_RETRY_AFTER;
+                return (Err(ExchangeError::Unavailable { retry_after }), false);
+            }
+        };
+        let status = answer.status.as_u16();
+        if answer.status.is_success() {
+            let issued = answer
+                .body
+                .as_deref()
+                .ok_or(Unusable::TooLarge)
+                .and_then(|body| {
+                    response::parse_success(body, &self.requested_token_type, SystemTime::now())
+                });
+            return match issued {
+                Ok(issued) => (Ok(self.entry(issued, subject_expires_at)), true),
+                Err(why) => {
+                    tracing::warn!(
+                        status,
+                        reason = why.as_str(),
+                        "token exchange: the IdP's response is unusable"
+                    );
+                    (Err(ExchangeError::InvalidResponse), true)
+                }
+            };
+        }
+        let code = answer.body.as_deref().and_then(response::error_code);
+        let logged = code
+            .as_deref()
+            .map(response::sanitize_code)
+            .unwrap_or_default();
+        match response::classify(answer.status, code.as_deref()) {
+            Refusal::Subject => {
+                tracing::info!(status, error = %logged, "token exchange: the IdP rejected the subject token");
+                (Err(ExchangeError::SubjectRejected), true)
+            }
+            Refusal::Scope => {
+                tracing::info!(status, error = %logged, "token exchange: the IdP rejected the scope");
+                (
+                    Err(ExchangeError::ScopeRejected {
+                        scope: self.scope.clone(),
+                    }),
+                    true,
+                )
+            }
+            Refusal::Client => {
+                tracing::error!(status, error = %logged, "token exchange: the IdP rejected the proxy's client");
+                (Err(ExchangeError::ClientRejected), true)
+            }
+            Refusal::Unavailable => {
+                let retry_after =
+                    response::retry_after(answer.retry_after.as_ref(), SystemTime::now());
+                tracing::warn!(status, error = %logged, "token exchange: the IdP is unavailable");
+                (Err(ExchangeError::Unavailable { retry_after }), false)
+            }
+        }
+    }
+
+    /// The cache entry for an issued token (SPEC "Cache": earliest end, minus the margin).
+    fn entry(&self, issued: response::Issued, subject_expires_at: Option<u64>) -> CachedToken {
+        let subject = subject_expires_at.map(|exp| cache::remaining_until(exp, SystemTime::now()));
+        let lifetime = cache::entry_lifetime(issued.lifetime, subject, self.max_ttl);
+        let window = cache::serve_window(lifetime, self.expiry_margin);
+        if window.is_zero() {
+            tracing::debug!(
+                lifetime_ms = lifetime.as_millis() as u64,
+                "token exchange: the token expires within the expiry margin; used once, not cached"
+            );
+        }
+        CachedToken::new(issued.authorization, window, Instant::now())
     }
 }
+
+/// The chain of an error's sources, `: `-separated (connection refused, TLS failure, ...).
+/// Transport errors name the URL at most; request and response bodies never reach them.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
+/// Discovers the token endpoint of the exchanger's issuer, retrying with exponential backoff;
+/// stops when it is known or the exchanger is gone.
+async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) {
+    let mut wait = first_wait;
+    loop {
+        let Some(this) = exchanger.upgrade() else {
+            return;
+        };
+        let found = idp::discover(&this.idp, &this.issuer, None)
+            .await
+            .and_then(|meta| {
+                meta.token_endpoint.ok_or(IdpError::Invalid(
+                    "the discovery document names no token_endpoint",
+                ))
+            });
+        match found {
+            Ok(url) => {
+                tracing::info!(issuer = %this.issuer, token_endpoint = %url, "token endpoint discovered");
+                let _ = this.endpoint.set(url);
+                this.readiness.done(READINESS_ITEM);
+                return;
+            }
+            Err(e) => tracing::warn!(
+                issuer = %this.issuer,
+                error = %e,
+                cause = %causes(&e),
+                retry_in_ms = wait.as_millis() as u64,
+                "token endpoint discovery failed"
+            ),
+        }
+        drop(this);
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(DISCOVERY_RETRY_MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,14 +1,81 @@
 //! Inbound token validation: decides, for every request, whether the client's bearer token is
 //! valid (JWT against the issuer's JWKS; opaque tokens by RFC 7662 introspection).
 //!
-//! PLACEHOLDER: rejects every token until the validator is implemented.
+//! A JWT goes through these steps, cheapest first, and stops at the first failure:
+//!
+//! 1. size (`inbound.max_token_bytes`) and the RFC 6750 §2.1 `b64token` alphabet;
+//! 2. the cache of decisions, keyed by the token's SHA-256 digest ([`cache`]);
+//! 3. the header, parsed by the proxy itself ([`jwt`]): three base64url segments, bounded JSON
+//!    nesting, `alg` in `inbound.algorithms` (never `none` or HMAC, RFC 8725 §3.1), no `crit`
+//!    (the proxy understands no extension, RFC 7515 §4.1.11), `typ` absent, `JWT` or `at+jwt`
+//!    (RFC 9068 §2.1, RFC 8725 §3.11);
+//! 4. **`jku`, `x5u` and `jwk` headers are refused as malformed**: a token naming its own key
+//!    is either a mistake or an attack, and keys come from the issuer's JWKS only
+//!    (RFC 8725 §3.10). `x5c`/`x5t` are ignored, never read;
+//! 5. the key, chosen by `kid` in the JWKS ([`jwks`]); an unknown `kid` triggers one
+//!    rate-limited, coalesced refetch;
+//! 6. the signature, with jsonwebtoken's aws-lc backend;
+//! 7. the claims ([`claims`]): `exp` (required), `nbf`, `iat` with leeway, `iss` exactly,
+//!    `aud`, then the required scopes (403).
+//!
+//! A token that is not three dot-separated segments is introspected when
+//! `inbound.introspection` is configured, and malformed otherwise.
+//!
+//! Background work ([`Validator::start`]): discovery (unless `jwks_uri` and the introspection
+//! endpoint are configured), retried with backoff; the JWKS, loaded as soon as its URL is
+//! known and refreshed on the schedule the IdP's `Cache-Control: max-age` asks for, within
+//! bounds ([`Timing`]). `/readyz` names `discovery` and `jwks` until each is done. A failed
+//! refresh keeps the last good keys. Failures are retried with doubling delays (0.5 s to
+//! 30 s); the tasks end when the validator is dropped.
 
-use std::sync::Arc;
+pub mod cache;
+pub mod claims;
+pub mod introspection;
+pub mod jwks;
+pub mod jwt;
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::Algorithm;
 
 use crate::config::Inbound;
-use crate::idp::IdpClient;
-use crate::metrics::{Metrics, RejectReason};
+use crate::idp::{self, IdpClient};
+use crate::metrics::{Metrics, RefreshResult, RejectReason};
 use crate::readiness::Readiness;
+use cache::{DecisionCache, Entry, TokenDigest};
+use claims::{Rules, Source, reject};
+use introspection::Introspector;
+use jwks::{JwkSetDocument, KeySet, KeyStore, Refetch, SelectError, VerifyKey};
+use jwt::Segments;
+
+/// The readiness item for discovery.
+pub const READY_DISCOVERY: &str = "discovery";
+/// The readiness item for the first JWKS load.
+pub const READY_JWKS: &str = "jwks";
+
+/// First retry after a failed discovery or JWKS fetch: quick, for a pod starting beside its IdP.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(500);
+/// Retries double up to this, so an IdP that is down sees one request per 30 s per replica.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+/// JWKS refresh interval when the IdP sends no `max-age`.
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
+/// Lower bound on the refresh interval, whatever `max-age` says (`no-store` included).
+pub const MIN_JWKS_REFRESH: Duration = Duration::from_secs(60);
+/// Upper bound on the refresh interval: a removed key is noticed within a day at worst.
+pub const MAX_JWKS_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// At most one JWKS refetch per this interval is caused by tokens with an unknown `kid`.
+pub const DEFAULT_UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(10);
+/// A JWKS fetch that takes longer is abandoned (and counted as a failure).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Validated JWTs are remembered at most this long: bounds how long a token verified with a
+/// key that has since been withdrawn stays accepted (a withdrawn key also clears the cache).
+pub const DEFAULT_VALIDATED_TTL: Duration = Duration::from_secs(300);
+/// Introspection results are remembered at most this long: bounds how long a revoked opaque
+/// token stays accepted.
+pub const DEFAULT_INTROSPECTION_TTL: Duration = Duration::from_secs(60);
+/// Decisions remembered; about 200 bytes each, so about 20 MiB when full.
+pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
 
 /// What the proxy knows about a validated client token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,33 +104,460 @@ pub enum InboundError {
     Unavailable,
 }
 
+/// Intervals and bounds of the validator. [`Timing::default`] is what the proxy runs with;
+/// tests shorten the intervals so nothing sleeps for long.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// First retry delay after a failed discovery or JWKS fetch; doubles on each failure.
+    pub retry_initial: Duration,
+    /// Cap for the retry delay.
+    pub retry_max: Duration,
+    /// JWKS refresh interval without `Cache-Control: max-age`.
+    pub jwks_refresh: Duration,
+    /// Lower bound for an IdP-provided `max-age`.
+    pub jwks_refresh_min: Duration,
+    /// Upper bound for an IdP-provided `max-age`.
+    pub jwks_refresh_max: Duration,
+    /// Minimum time between two refetches caused by unknown `kid`s.
+    pub unknown_kid_interval: Duration,
+    /// Bound on one JWKS fetch.
+    pub fetch_timeout: Duration,
+    /// Bound on one introspection call.
+    pub introspection_timeout: Duration,
+    /// Longest life of a cached JWT decision.
+    pub validated_ttl: Duration,
+    /// Longest life of a cached introspection result.
+    pub introspection_ttl: Duration,
+    /// Decisions remembered at most.
+    pub cache_entries: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            retry_initial: DEFAULT_RETRY_INITIAL,
+            retry_max: DEFAULT_RETRY_MAX,
+            jwks_refresh: DEFAULT_JWKS_REFRESH,
+            jwks_refresh_min: MIN_JWKS_REFRESH,
+            jwks_refresh_max: MAX_JWKS_REFRESH,
+            unknown_kid_interval: DEFAULT_UNKNOWN_KID_INTERVAL,
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            introspection_timeout: introspection::INTROSPECTION_TIMEOUT,
+            validated_ttl: DEFAULT_VALIDATED_TTL,
+            introspection_ttl: DEFAULT_INTROSPECTION_TTL,
+            cache_entries: DEFAULT_CACHE_ENTRIES,
+        }
+    }
+}
+
+impl Timing {
+    /// The JWKS refresh interval for a response that carried `max_age`.
+    pub fn refresh_interval(&self, max_age: Option<Duration>) -> Duration {
+        max_age.unwrap_or(self.jwks_refresh).clamp(
+            self.jwks_refresh_min,
+            self.jwks_refresh_min.max(self.jwks_refresh_max),
+        )
+    }
+}
+
 /// Validates client tokens.
-#[derive(Debug)]
 pub struct Validator {
-    _config: Inbound,
+    issuer: String,
+    discovery_url: Option<url::Url>,
+    algorithms: Vec<Algorithm>,
+    max_token_bytes: usize,
+    rules: Rules,
+    idp: IdpClient,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    timing: Timing,
+    keys: KeyStore,
+    cache: DecisionCache,
+    introspection: Option<Introspector>,
+    /// Set to `true` once discovery has filled in what was not configured.
+    discovered: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Validator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Validator")
+            .field("issuer", &self.issuer)
+            .field("jwks_uri", &self.keys.uri().map(url::Url::as_str))
+            .field("algorithms", &self.algorithms)
+            .field("introspection", &self.introspection.is_some())
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Validator {
     /// Builds the validator; registers what `/readyz` waits for.
     pub fn new(
         config: &Inbound,
-        _idp: IdpClient,
-        _metrics: Arc<Metrics>,
-        _readiness: Arc<Readiness>,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
     ) -> Self {
-        Self {
-            _config: config.clone(),
+        Self::with_timing(config, idp, metrics, readiness, Timing::default())
+    }
+
+    /// [`Validator::new`] with other intervals and bounds.
+    pub fn with_timing(
+        config: &Inbound,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        timing: Timing,
+    ) -> Self {
+        let rules = Rules::new(config);
+        let introspection = config
+            .introspection
+            .as_ref()
+            .map(|c| Introspector::new(c, timing.introspection_timeout));
+        let validator = Self {
+            issuer: config.issuer.clone(),
+            discovery_url: config.discovery_url.clone(),
+            // HMAC can never be allowed, whatever the configuration says (RFC 8725 §2.1).
+            algorithms: config
+                .algorithms
+                .iter()
+                .copied()
+                .filter(|a| jwt::is_asymmetric(*a))
+                .collect(),
+            max_token_bytes: config.max_token_bytes,
+            cache: DecisionCache::new(timing.cache_entries, rules.leeway()),
+            rules,
+            keys: KeyStore::new(config.jwks_uri.clone(), timing.unknown_kid_interval),
+            idp,
+            metrics,
+            readiness,
+            timing,
+            introspection,
+            discovered: tokio::sync::watch::Sender::new(false),
+        };
+        if validator.needs_discovery() {
+            validator.readiness.pending(READY_DISCOVERY);
+        }
+        validator.readiness.pending(READY_JWKS);
+        validator
+    }
+
+    fn needs_discovery(&self) -> bool {
+        self.keys.uri().is_none()
+            || self
+                .introspection
+                .as_ref()
+                .is_some_and(Introspector::needs_endpoint)
+    }
+
+    /// Starts background work (discovery, JWKS loading and refresh). The tasks end when the
+    /// validator is dropped.
+    pub fn start(self: &Arc<Self>) {
+        if self.needs_discovery() {
+            tokio::spawn(Self::discovery_task(Arc::downgrade(self)));
+        }
+        tokio::spawn(Self::jwks_task(Arc::downgrade(self)));
+    }
+
+    /// Number of cached decisions (for a gauge).
+    pub fn cached_decisions(&self) -> u64 {
+        self.cache.len()
+    }
+
+    /// Validates `token` (the bytes after `Bearer `).
+    pub async fn validate(&self, token: &str) -> Result<Principal, InboundError> {
+        if token.len() > self.max_token_bytes {
+            return Err(reject(RejectReason::TooLarge, "token too large"));
+        }
+        if !jwt::is_b64token(token) {
+            return Err(reject(RejectReason::Malformed, "malformed token"));
+        }
+        let now = unix_now();
+        let digest = cache::digest(token);
+        if let Some(decision) = self.cache.get(&digest, now).await {
+            return decision;
+        }
+        match (jwt::split(token), &self.introspection) {
+            (Some(segments), _) => self.validate_jwt(segments, digest, now).await,
+            (None, Some(introspector)) => {
+                self.validate_opaque(introspector, token, digest, now).await
+            }
+            (None, None) => Err(reject(RejectReason::Malformed, "token is not a JWT")),
         }
     }
 
-    /// Starts background work (discovery, JWKS loading and refresh).
-    pub fn start(self: &Arc<Self>) {}
+    async fn validate_jwt(
+        &self,
+        segments: Segments<'_>,
+        digest: TokenDigest,
+        now: i64,
+    ) -> Result<Principal, InboundError> {
+        let malformed = |e: jwt::Malformed| reject(RejectReason::Malformed, e.0);
+        let header = jwt::parse_header(segments.header).map_err(malformed)?;
+        let alg = jwt::parse_alg(&header.alg)
+            .filter(|a| self.algorithms.contains(a))
+            .ok_or(reject(RejectReason::Algorithm, "algorithm not allowed"))?;
+        if header.names_own_key() {
+            return Err(reject(
+                RejectReason::Malformed,
+                "token header names its own key",
+            ));
+        }
+        if header.crit.is_some() {
+            return Err(reject(
+                RejectReason::Malformed,
+                "unsupported critical header",
+            ));
+        }
+        if !jwt::typ_accepted(header.typ.as_deref()) {
+            return Err(reject(RejectReason::Malformed, "token type not accepted"));
+        }
+        let claims = jwt::parse_claims(segments.payload).map_err(malformed)?;
+        jwt::decode_segment(segments.signature).map_err(malformed)?;
+        let key = self.key_for(header.kid.as_deref(), alg).await?;
+        if !key.verify(&segments, alg) {
+            return Err(reject(RejectReason::Signature, "invalid signature"));
+        }
+        let decision = self.rules.check(&claims, now, Source::Jwt);
+        if claims::cacheable(&decision) {
+            let exp = claims.exp.map(|d| d.0);
+            if let Some(ttl) = claims::ttl(exp, self.rules.leeway(), now, self.timing.validated_ttl)
+            {
+                self.cache.insert(digest, decision.clone(), ttl).await;
+            }
+        }
+        decision
+    }
 
-    /// Validates `token` (the bytes after `Bearer `).
-    pub async fn validate(&self, _token: &str) -> Result<Principal, InboundError> {
-        Err(InboundError::Rejected {
-            reason: RejectReason::Signature,
-            description: "token validation is not configured",
-        })
+    /// The key for `kid`/`alg`, refetching the JWKS once (rate-limited) for an unknown `kid`.
+    async fn key_for(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<VerifyKey>, InboundError> {
+        let (set, generation) = self.keys.snapshot().ok_or(InboundError::Unavailable)?;
+        match set.select(kid, alg) {
+            Err(SelectError::UnknownKid) => {}
+            other => return other.map_err(select_error),
+        }
+        drop(set);
+        let outcome = self
+            .keys
+            .refetch_for_unknown_kid(generation, || self.fetch_jwks())
+            .await;
+        tracing::debug!(?outcome, "JWKS refetch for an unknown kid");
+        if let Refetch::Fetched { lost_keys: true } = outcome {
+            self.cache.clear();
+        }
+        let (set, _) = self.keys.snapshot().ok_or(InboundError::Unavailable)?;
+        set.select(kid, alg).map_err(select_error)
+    }
+
+    async fn validate_opaque(
+        &self,
+        introspector: &Introspector,
+        token: &str,
+        digest: TokenDigest,
+        now: i64,
+    ) -> Result<Principal, InboundError> {
+        let init = async {
+            let answer = introspector
+                .introspect(&self.idp, token)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "token introspection failed");
+                    InboundError::Unavailable
+                })?;
+            let decision = if answer.active {
+                self.rules.check(&answer.claims, now, Source::Introspection)
+            } else {
+                Err(reject(RejectReason::Inactive, "token is not active"))
+            };
+            if !claims::cacheable(&decision) {
+                return Err(decision.err().unwrap_or(InboundError::Unavailable));
+            }
+            let exp = answer.claims.exp.map(|d| d.0);
+            let ttl = claims::ttl(exp, self.rules.leeway(), now, self.timing.introspection_ttl)
+                .ok_or(reject(RejectReason::Expired, "token expired"))?;
+            Ok(Entry { decision, ttl })
+        };
+        self.cache.get_or_try_insert_with(digest, now, init).await
+    }
+
+    /// Installs the key set `fetch` yields (under the fetch lock); forgets cached decisions
+    /// when a key was withdrawn; marks the JWKS ready. Returns the response's `max-age`.
+    async fn refresh_keys<Fut>(&self, fetch: Fut) -> Option<Option<Duration>>
+    where
+        Fut: std::future::Future<Output = Option<(KeySet, Option<Duration>)>>,
+    {
+        let (lost_keys, max_age) = self.keys.refresh(fetch).await?;
+        if lost_keys {
+            self.cache.clear();
+        }
+        self.readiness.done(READY_JWKS);
+        Some(max_age)
+    }
+
+    /// Fetches and parses the JWKS; counts the outcome. `None` on any failure (logged).
+    async fn fetch_jwks(&self) -> Option<(KeySet, Option<Duration>)> {
+        let uri = self.keys.uri()?;
+        let fetched = tokio::time::timeout(
+            self.timing.fetch_timeout,
+            self.idp.get_json::<JwkSetDocument>(uri),
+        )
+        .await;
+        let result = match fetched {
+            Ok(Ok((doc, headers))) => {
+                let (set, skipped) = KeySet::from_document(&doc);
+                if !skipped.is_empty() {
+                    tracing::debug!(?skipped, "JWKS keys not used");
+                }
+                if set.is_empty() {
+                    // A valid document that names no usable key: the IdP's word, so it is
+                    // installed (and every JWT refused), but it deserves attention.
+                    tracing::warn!(jwks_uri = %uri, "the JWKS has no usable signing key");
+                }
+                Ok((set, jwks::max_age(&headers)))
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the JWKS fetch timed out".to_owned()),
+        };
+        match result {
+            Ok((set, max_age)) => {
+                self.metrics.jwks_refreshes.inc(RefreshResult::Success);
+                tracing::debug!(keys = set.len(), jwks_uri = %uri, "JWKS loaded");
+                Some((set, max_age))
+            }
+            Err(error) => {
+                self.metrics.jwks_refreshes.inc(RefreshResult::Failure);
+                tracing::warn!(%error, jwks_uri = %uri, "JWKS fetch failed; keeping the last good keys");
+                None
+            }
+        }
+    }
+
+    /// Reads the discovery document for what is not configured.
+    async fn discover(&self) -> Result<(), idp::IdpError> {
+        if !self.needs_discovery() {
+            return Ok(());
+        }
+        let meta = idp::discover(&self.idp, &self.issuer, self.discovery_url.as_ref()).await?;
+        if self.keys.uri().is_none() {
+            let uri = meta.jwks_uri.ok_or(idp::IdpError::Invalid(
+                "the discovery document has no jwks_uri",
+            ))?;
+            self.keys.set_uri(uri);
+        }
+        if let Some(introspector) = &self.introspection {
+            match meta.introspection_endpoint {
+                Some(url) => introspector.set_endpoint(url),
+                None if introspector.needs_endpoint() => tracing::error!(
+                    "inbound.introspection is configured without an endpoint and discovery names none; opaque tokens will be answered 503"
+                ),
+                None => {}
+            }
+        }
+        self.readiness.done(READY_DISCOVERY);
+        Ok(())
+    }
+
+    /// Discovery, retried with backoff until it succeeds; wakes the JWKS task when done.
+    async fn discovery_task(this: Weak<Self>) {
+        let Some(timing) = this.upgrade().map(|v| v.timing.clone()) else {
+            return;
+        };
+        let mut backoff = Backoff::new(timing.retry_initial, timing.retry_max);
+        loop {
+            let Some(v) = this.upgrade() else { return };
+            match v.discover().await {
+                Ok(()) => {
+                    v.discovered.send_replace(true);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, issuer = %v.issuer, "discovery failed; retrying");
+                }
+            }
+            drop(v);
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// JWKS loads and refreshes, once the JWKS URL is known (configured, or from discovery:
+    /// a configured `jwks_uri` never waits for discovery of the introspection endpoint).
+    async fn jwks_task(this: Weak<Self>) {
+        let Some((timing, mut discovered)) = this
+            .upgrade()
+            .map(|v| (v.timing.clone(), v.discovered.subscribe()))
+        else {
+            return;
+        };
+        while this.upgrade().is_some_and(|v| v.keys.uri().is_none()) {
+            // Holds no reference to the validator while waiting; ends if it is dropped.
+            if discovered.changed().await.is_err() {
+                return;
+            }
+        }
+        let mut backoff = Backoff::new(timing.retry_initial, timing.retry_max);
+        loop {
+            let Some(v) = this.upgrade() else { return };
+            let delay = match v.refresh_keys(v.fetch_jwks()).await {
+                Some(max_age) => {
+                    backoff.reset();
+                    timing.refresh_interval(max_age)
+                }
+                None => backoff.next_delay(),
+            };
+            drop(v);
+            tokio::time::sleep(delay).await;
+        }
     }
 }
+
+fn select_error(e: SelectError) -> InboundError {
+    match e {
+        SelectError::UnknownKid => reject(RejectReason::UnknownKey, "unknown signing key"),
+        SelectError::NoKid => reject(RejectReason::UnknownKey, "token has no key id"),
+        SelectError::Mismatch => {
+            reject(RejectReason::Algorithm, "algorithm does not match the key")
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Doubling retry delays between `initial` and `max`.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, max: Duration) -> Self {
+        Self {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let d = self.next.min(self.max);
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = self.initial;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -170,14 +170,14 @@ impl Body for ProxyBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if let Some((_, sleep)) = this.idle.as_mut() {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        if let Some(log) = &this.log {
-                            log.metrics.upstream_errors.inc(UpstreamErrorKind::Timeout);
-                        }
-                        this.finish("idle_timeout");
-                        return Poll::Ready(Some(Err(BodyError::Idle)));
+                if let Some((_, sleep)) = this.idle.as_mut()
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    if let Some(log) = &this.log {
+                        log.metrics.upstream_errors.inc(UpstreamErrorKind::Timeout);
                     }
+                    this.finish("idle_timeout");
+                    return Poll::Ready(Some(Err(BodyError::Idle)));
                 }
                 Poll::Pending
             }

@@ -57,6 +57,7 @@ pub fn prepare_request(
         auth.set_sensitive(true);
         headers.insert(header::AUTHORIZATION, auth);
     }
+    fold_cookies(headers);
     append_forwarded_for(headers, client_ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     match &original_host {
@@ -72,6 +73,24 @@ pub fn prepare_request(
         _ => upstream_host.clone(),
     };
     headers.insert(header::HOST, host);
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1 backend expects one
+/// (RFC 9113 §8.2.3: concatenate with "; ").
+fn fold_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(mut v) = HeaderValue::from_bytes(&joined) {
+        v.set_sensitive(true);
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// Appends the client's address to `X-Forwarded-For`, folding multiple fields into one.
@@ -160,6 +179,23 @@ mod tests {
         assert_eq!(h["mcp-session-id"], "abc");
         assert_eq!(h["last-event-id"], "7");
         assert_eq!(h["mcp-protocol-version"], "2025-11-25");
+    }
+
+    #[test]
+    fn split_cookies_are_folded_into_one_field() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        let upstream = HeaderValue::from_static("u");
+        prepare_request(
+            &mut h,
+            None,
+            "127.0.0.1".parse().expect("ip"),
+            None,
+            "http",
+            &upstream,
+            false,
+        );
+        assert_eq!(h.get_all("cookie").iter().count(), 1);
+        assert_eq!(h["cookie"], "a=1; b=2");
     }
 
     #[test]

@@ -102,11 +102,10 @@ pub fn is_public_path(prefixes: &[String], path: &str) -> bool {
 
 fn is_plain_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    !(lower.contains("%2e")
-        || lower.contains("%2f")
-        || lower.contains("%5c")
-        || path.contains('\\'))
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
+    let tricky = ["%2e", "%2f", "%5c"].iter().any(|t| lower.contains(t))
+        || path.contains('\\')
+        || path.split('/').any(|seg| seg == "." || seg == "..");
+    !tricky
 }
 
 /// Handles one request on the proxy listener.
@@ -121,6 +120,16 @@ pub async fn handle(
         req.uri().path(),
     );
     let path = req.uri().path();
+
+    // A tunnel would carry anything past every rule below.
+    if req.method() == Method::CONNECT {
+        log.outcome = "bad_request";
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            error::json_error("invalid_request", "CONNECT is not supported"),
+            log,
+        );
+    }
 
     // RFC 9728 metadata: public by definition.
     if metadata::is_metadata_path(path) && matches!(*req.method(), Method::GET | Method::HEAD) {

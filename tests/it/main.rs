@@ -3,5 +3,7 @@
 mod support;
 
 mod cli;
+mod exchange;
 mod forwarding;
+mod inbound;
 mod shutdown;

@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod issuer;
+pub mod token_endpoint;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -109,12 +112,20 @@ pub async fn echo() -> Echo {
 }
 
 async fn route(e: Echo, req: Request<Incoming>) -> Response<BoxBody> {
-    e.count.fetch_add(1, Ordering::SeqCst);
-    e.seen.lock().expect("lock").push(Seen {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        headers: req.headers().clone(),
-    });
+    // The validator's own discovery and JWKS fetches (the echo doubles as a key-less issuer)
+    // are not requests forwarded by the proxy: they are neither counted nor recorded.
+    let idp_fetch = matches!(
+        req.uri().path(),
+        "/.well-known/openid-configuration" | "/jwks"
+    );
+    if !idp_fetch {
+        e.count.fetch_add(1, Ordering::SeqCst);
+        e.seen.lock().expect("lock").push(Seen {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        });
+    }
     let q = query(req.uri());
     let num = |k: &str, d: u64| q.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
     match req.uri().path() {
@@ -308,13 +319,12 @@ impl ProxyProcess {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if !sent {
-                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                        if let (Some(l), Some(a)) = (v["listen"].as_str(), v["admin"].as_str()) {
-                            let _ = tx.send((l.to_string(), a.to_string()));
-                            sent = true;
-                        }
-                    }
+                if !sent
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && let (Some(l), Some(a)) = (v["listen"].as_str(), v["admin"].as_str())
+                {
+                    let _ = tx.send((l.to_string(), a.to_string()));
+                    sent = true;
                 }
                 sink.lock().expect("lock").push(line);
             }

@@ -1,0 +1,296 @@
+//! Micro-benchmarks of the per-request work of the proxy, without sockets, for profiling the
+//! cache-hit path: bearer-token extraction, validation of an already-seen token, validation
+//! of a new token (ES256 signature), an exchange served from the cache, the header rewrite,
+//! the access-log line, and all of the cache-hit steps together.
+//!
+//! The validator and the exchanger are the real ones, built from a config and talking to the
+//! in-process fake IdP of `benches/support/fake_idp.rs` on 127.0.0.1:0.
+//!
+//!     cargo bench --bench hot_path                 # all
+//!     cargo bench --bench hot_path -- exchange     # those whose name contains "exchange"
+//!
+//! Async steps are driven with `Runtime::block_on`; the `block_on_ready` case measures that
+//! harness overhead so it can be subtracted.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use tokio::runtime::Runtime;
+
+use token_exchange_proxy::config;
+use token_exchange_proxy::exchange::Exchanger;
+use token_exchange_proxy::idp::IdpClient;
+use token_exchange_proxy::inbound::{self, Validator};
+use token_exchange_proxy::metrics::Metrics;
+use token_exchange_proxy::proxy::{self, AccessLog, headers};
+use token_exchange_proxy::readiness::Readiness;
+
+#[allow(dead_code)]
+#[path = "support/fake_idp.rs"]
+mod fake_idp;
+
+/// How long the set-up waits for the JWKS to load before giving up.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The proxy's components, wired to a fake IdP running on `rt`.
+struct Fixture {
+    rt: Runtime,
+    idp: Arc<fake_idp::FakeIdp>,
+    validator: Arc<Validator>,
+    exchanger: Arc<Exchanger>,
+    metrics: Arc<Metrics>,
+    max_token_bytes: usize,
+    upstream_host: HeaderValue,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("client-secret");
+        std::fs::write(&secret, "bench-secret").expect("write the client secret");
+
+        let (idp, listener) = rt
+            .block_on(fake_idp::FakeIdp::bind(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                Duration::ZERO,
+            ))
+            .expect("bind the fake IdP");
+        rt.spawn(idp.clone().serve(listener));
+
+        let issuer = idp.issuer().to_owned();
+        let yaml = format!(
+            "listen: 127.0.0.1:0\n\
+             admin_listen: 127.0.0.1:1\n\
+             mode: exchange\n\
+             upstream: {{url: 'http://127.0.0.1:9'}}\n\
+             inbound: {{issuer: '{issuer}', audiences: ['{aud}']}}\n\
+             exchange:\n  token_endpoint: '{issuer}/token'\n  client_id: txp-bench\n  \
+             client_auth: {{method: client_secret_post, secret_file: '{secret}'}}\n  \
+             audience: [bench-backend]\n",
+            aud = fake_idp::AUDIENCE,
+            secret = secret.display(),
+        );
+        let raw = config::parse_yaml(&yaml).expect("bench config parses");
+        let cfg = config::validate(raw).expect("bench config is valid");
+        let exchange_cfg = cfg.exchange.clone().expect("exchange mode");
+
+        let metrics = Arc::new(Metrics::default());
+        let readiness = Arc::new(Readiness::default());
+        let (validator, exchanger) = rt.block_on(async {
+            let client = IdpClient::new(&cfg.idp_tls).expect("IdP client");
+            let validator = Arc::new(Validator::new(
+                &cfg.inbound,
+                client.clone(),
+                metrics.clone(),
+                readiness.clone(),
+            ));
+            validator.start();
+            let exchanger = Arc::new(
+                Exchanger::new(
+                    &exchange_cfg,
+                    &cfg.cache,
+                    client,
+                    metrics.clone(),
+                    readiness.clone(),
+                )
+                .expect("exchanger"),
+            );
+            exchanger.start();
+            let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+            while readiness.check().is_err() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the validator did not become ready"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (validator, exchanger)
+        });
+        Self {
+            rt,
+            idp,
+            validator,
+            exchanger,
+            metrics,
+            max_token_bytes: cfg.inbound.max_token_bytes,
+            upstream_host: HeaderValue::from_static("127.0.0.1:9"),
+            _dir: dir,
+        }
+    }
+
+    /// Request headers as a typical MCP client sends them.
+    fn request_headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("mcp.example.com"));
+        h.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("bench-client/1.0"),
+        );
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            HeaderName::from_static("mcp-protocol-version"),
+            HeaderValue::from_static("2025-11-25"),
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("token is a header value"),
+        );
+        h
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let f = Fixture::new();
+    let token = f.idp.mint("hot", 0);
+    let headers_in = Fixture::request_headers(&token);
+
+    // Warm both caches with the token used by the cache-hit cases.
+    let principal =
+        f.rt.block_on(f.validator.validate(&token))
+            .expect("the minted token validates");
+    f.rt.block_on(f.exchanger.exchange(&token, principal.expires_at))
+        .expect("the fake IdP exchanges the token");
+    assert_eq!(f.idp.token_calls(), 1, "one exchange while warming");
+
+    c.bench_function("block_on_ready", |b| {
+        b.iter(|| f.rt.block_on(std::future::ready(std::hint::black_box(1u8))))
+    });
+
+    c.bench_function("bearer_token", |b| {
+        b.iter(|| {
+            proxy::bearer_token(std::hint::black_box(&headers_in), f.max_token_bytes).map(str::len)
+        })
+    });
+
+    c.bench_function("token_digest_sha256", |b| {
+        b.iter(|| inbound::cache::digest(std::hint::black_box(&token)))
+    });
+
+    c.bench_function("validate/cached", |b| {
+        b.iter(|| {
+            f.rt.block_on(f.validator.validate(std::hint::black_box(&token)))
+        })
+    });
+
+    let mut n = 0usize;
+    c.bench_function("validate/new_token_es256", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                f.idp.mint("fresh", n)
+            },
+            |t| f.rt.block_on(f.validator.validate(&t)),
+            BatchSize::SmallInput,
+        )
+    });
+
+    c.bench_function("exchange/cache_hit", |b| {
+        b.iter(|| {
+            f.rt.block_on(
+                f.exchanger
+                    .exchange(std::hint::black_box(&token), principal.expires_at),
+            )
+        })
+    });
+
+    let authorization = HeaderValue::from_static("Bearer backend-0000000000000000");
+    let client_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    c.bench_function("prepare_request", |b| {
+        b.iter_batched(
+            || headers_in.clone(),
+            |mut h| {
+                let original = h.get(header::HOST).cloned();
+                headers::prepare_request(
+                    &mut h,
+                    Some(authorization.clone()),
+                    client_ip,
+                    original,
+                    "http",
+                    &f.upstream_host,
+                    false,
+                );
+                h
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    // The access-log line as the proxy writes it (JSON), to a sink instead of stdout.
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        c.bench_function("access_log/json_line", |b| {
+            b.iter(|| {
+                let mut log = AccessLog::new(f.metrics.clone(), http::Method::GET, "/mcp");
+                log.status = 200;
+                log.cache = Some("hit");
+                log.sub = Some("user-hot-0".to_owned());
+                log.bytes = 64;
+                log.body = "complete";
+                drop(log);
+            })
+        });
+    });
+
+    // Everything the proxy does for a cache hit except I/O and the access log: extract,
+    // validate (cached), exchange (cached), rewrite the headers.
+    c.bench_function("request_path/cache_hit_no_io", |b| {
+        b.iter_batched(
+            || headers_in.clone(),
+            |mut h| {
+                f.rt.block_on(async {
+                    let token = proxy::bearer_token(&h, f.max_token_bytes).ok()?;
+                    let p = f.validator.validate(token).await.ok()?;
+                    let x = f.exchanger.exchange(token, p.expires_at).await.ok()?;
+                    let original = h.get(header::HOST).cloned();
+                    headers::prepare_request(
+                        &mut h,
+                        Some(x.authorization),
+                        client_ip,
+                        original,
+                        "http",
+                        &f.upstream_host,
+                        false,
+                    );
+                    Some(h)
+                })
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = hot_path;
+    config = config();
+    targets = benches
+}
+criterion_main!(hot_path);

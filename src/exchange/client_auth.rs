@@ -1,0 +1,730 @@
+//! How the proxy authenticates itself at the token endpoint (`exchange.client_auth`).
+//!
+//! - `client_secret_basic` (RFC 6749 §2.3.1): `Authorization: Basic base64(id ":" secret)`,
+//!   where id and secret are each application/x-www-form-urlencoded first (Appendix B), so a
+//!   `:` or `%` in either survives.
+//! - `client_secret_post` (RFC 6749 §2.3.1): `client_id` and `client_secret` in the form.
+//! - `private_key_jwt` (RFC 7523 §2.2 and §3, OIDC Core §9): a fresh JWT signed with the PEM
+//!   key in `private_key_file` (RSA → RS256, P-256 → ES256, P-384 → ES384), with
+//!   `iss` = `sub` = client id, `aud` = the token endpoint, a random `jti`, `iat` and
+//!   `exp` = `iat` + [`ASSERTION_LIFETIME`]; `kid` from `key_id`.
+//! - `client_assertion_file` (RFC 7521 §4.2): a ready-made assertion (e.g. a projected
+//!   service-account token) read afresh on every use, since the kubelet rotates it.
+//! - `none`: a public client; only `client_id` is sent.
+//!
+//! The assertion methods also send `client_id` (RFC 7521 §4.2 allows it), which some IdPs need
+//! to find the client when the assertion's `sub` is not the client id (federated tokens).
+//!
+//! Secret and key files are [`SecretFile`]s, re-read when they change; the parsed key is kept
+//! until the file's content changes. Nothing read from these files is ever logged.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
+    EcdsaSigningAlgorithm, RSA_PKCS1_SHA256, RsaKeyPair,
+};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use url::Url;
+
+use crate::config::ClientAuth;
+use crate::secret::{self, SecretError, SecretFile};
+
+/// RFC 7521 §4.2 / RFC 7523 §2.2: the assertion type for a JWT client assertion.
+pub const JWT_BEARER_ASSERTION_TYPE: &str =
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Lifetime of a signed client assertion: long enough for clock skew and one request, short
+/// enough that a captured assertion is useless soon (RFC 7523 §3 item 4 asks for a limit).
+pub const ASSERTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Random bytes in a `jti` (RFC 7519 §4.1.7): 128 bits never collide.
+const JTI_BYTES: usize = 16;
+
+/// Why credentials could not be produced. Names files, never their content.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    /// A secret, key or assertion file cannot be read, or is empty.
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// The private key file is not a usable unencrypted RSA, P-256 or P-384 PEM key.
+    #[error("exchange.client_auth.private_key_file {path}: {why}")]
+    Key { path: PathBuf, why: &'static str },
+    /// Signing (or drawing randomness for `jti`) failed.
+    #[error("cannot sign the client assertion")]
+    Sign,
+    /// The encoded credentials are not a valid header value.
+    #[error("the client credentials cannot be sent in an HTTP header")]
+    Header,
+}
+
+/// What a token request carries to authenticate the proxy.
+pub(crate) struct Credentials {
+    /// An `Authorization` header (client_secret_basic), marked sensitive.
+    pub(crate) authorization: Option<HeaderValue>,
+    /// Form parameters.
+    pub(crate) params: Vec<(&'static str, SecretString)>,
+}
+
+/// Produces [`Credentials`] for each token request.
+pub(crate) struct ClientAuthenticator {
+    client_id: String,
+    method: Method,
+}
+
+enum Method {
+    Basic {
+        encoded_id: String,
+        secret: SecretFile,
+    },
+    Post {
+        secret: SecretFile,
+    },
+    PrivateKeyJwt {
+        key: KeyFile,
+        key_id: Option<String>,
+    },
+    AssertionFile {
+        path: PathBuf,
+    },
+    None,
+}
+
+impl std::fmt::Debug for ClientAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let method = match &self.method {
+            Method::Basic { .. } => "client_secret_basic",
+            Method::Post { .. } => "client_secret_post",
+            Method::PrivateKeyJwt { .. } => "private_key_jwt",
+            Method::AssertionFile { .. } => "client_assertion_file",
+            Method::None => "none",
+        };
+        f.debug_struct("ClientAuthenticator")
+            .field("client_id", &self.client_id)
+            .field("method", &method)
+            .finish()
+    }
+}
+
+impl ClientAuthenticator {
+    /// Sets up `auth` for `client_id`. Checks now, synchronously, that the files it needs can
+    /// be read (and the private key parsed), so that a broken mount fails the start-up
+    /// instead of every request.
+    pub(crate) fn new(client_id: &str, auth: &ClientAuth) -> Result<Self, CredentialError> {
+        let method = match auth {
+            ClientAuth::ClientSecretBasic { secret_file } => {
+                check_readable(secret_file)?;
+                Method::Basic {
+                    encoded_id: form_encode(client_id),
+                    secret: SecretFile::new(secret_file),
+                }
+            }
+            ClientAuth::ClientSecretPost { secret_file } => {
+                check_readable(secret_file)?;
+                Method::Post {
+                    secret: SecretFile::new(secret_file),
+                }
+            }
+            ClientAuth::PrivateKeyJwt {
+                private_key_file,
+                key_id,
+            } => {
+                let pem = check_readable(private_key_file)?;
+                SigningKey::from_pem(pem.expose_secret(), private_key_file)?;
+                Method::PrivateKeyJwt {
+                    key: KeyFile::new(private_key_file),
+                    key_id: key_id.clone(),
+                }
+            }
+            ClientAuth::ClientAssertionFile { assertion_file } => {
+                check_readable(assertion_file)?;
+                Method::AssertionFile {
+                    path: assertion_file.clone(),
+                }
+            }
+            ClientAuth::None => Method::None,
+        };
+        Ok(Self {
+            client_id: client_id.to_owned(),
+            method,
+        })
+    }
+
+    /// The credentials for one request to `token_endpoint` (the audience of a signed
+    /// assertion).
+    pub(crate) async fn credentials(
+        &self,
+        token_endpoint: &Url,
+    ) -> Result<Credentials, CredentialError> {
+        let id = || SecretString::from(self.client_id.clone());
+        Ok(match &self.method {
+            Method::Basic { encoded_id, secret } => {
+                let secret = secret.get().await?;
+                Credentials {
+                    authorization: Some(basic_authorization(encoded_id, &secret)?),
+                    params: vec![],
+                }
+            }
+            Method::Post { secret } => Credentials {
+                authorization: None,
+                params: vec![("client_id", id()), ("client_secret", secret.get().await?)],
+            },
+            Method::PrivateKeyJwt { key, key_id } => {
+                let key = key.get().await?;
+                let assertion = key.sign_assertion(
+                    &self.client_id,
+                    token_endpoint.as_str(),
+                    key_id.as_deref(),
+                    SystemTime::now(),
+                )?;
+                assertion_params(id(), assertion)
+            }
+            Method::AssertionFile { path } => {
+                assertion_params(id(), secret::read_trimmed(path).await?)
+            }
+            Method::None => Credentials {
+                authorization: None,
+                params: vec![("client_id", id())],
+            },
+        })
+    }
+}
+
+fn assertion_params(client_id: SecretString, assertion: SecretString) -> Credentials {
+    Credentials {
+        authorization: None,
+        params: vec![
+            ("client_id", client_id),
+            (
+                "client_assertion_type",
+                SecretString::from(JWT_BEARER_ASSERTION_TYPE),
+            ),
+            ("client_assertion", assertion),
+        ],
+    }
+}
+
+/// Reads a file once at set-up, to fail early; the running proxy re-reads it.
+fn check_readable(path: &Path) -> Result<SecretString, CredentialError> {
+    let text = std::fs::read_to_string(path).map_err(|e| SecretError::Read {
+        path: path.to_path_buf(),
+        kind: e.kind(),
+    })?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(SecretError::Empty(path.to_path_buf()).into());
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// application/x-www-form-urlencoded, as RFC 6749 Appendix B asks for client credentials.
+fn form_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// RFC 6749 §2.3.1 with RFC 7617: `Basic base64(urlenc(id) ":" urlenc(secret))`.
+fn basic_authorization(
+    encoded_id: &str,
+    secret: &SecretString,
+) -> Result<HeaderValue, CredentialError> {
+    let pair = format!("{encoded_id}:{}", form_encode(secret.expose_secret()));
+    let mut value = HeaderValue::try_from(format!("Basic {}", STANDARD.encode(pair)))
+        .map_err(|_| CredentialError::Header)?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// A private key file, parsed again only when its content changes.
+struct KeyFile {
+    file: SecretFile,
+    parsed: Mutex<Option<(SecretString, Arc<SigningKey>)>>,
+}
+
+impl KeyFile {
+    fn new(path: &Path) -> Self {
+        Self {
+            file: SecretFile::new(path),
+            parsed: Mutex::new(None),
+        }
+    }
+
+    async fn get(&self) -> Result<Arc<SigningKey>, CredentialError> {
+        let pem = self.file.get().await?;
+        {
+            let cached = self.parsed.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((p, key)) = cached.as_ref()
+                && p.expose_secret() == pem.expose_secret()
+            {
+                return Ok(key.clone());
+            }
+        }
+        let key = Arc::new(SigningKey::from_pem(pem.expose_secret(), self.file.path())?);
+        *self.parsed.lock().unwrap_or_else(PoisonError::into_inner) = Some((pem, key.clone()));
+        Ok(key)
+    }
+}
+
+/// A key that signs client assertions; the JWS `alg` follows from the key type.
+pub(crate) enum SigningKey {
+    /// RS256 (RFC 7518 §3.3).
+    Rsa(RsaKeyPair),
+    /// ES256 or ES384 (RFC 7518 §3.4), by curve.
+    Ec(EcdsaKeyPair, &'static str),
+}
+
+/// Elliptic curves accepted for assertions, with their JWS `alg`.
+const EC_ALGS: [(&EcdsaSigningAlgorithm, &str); 2] = [
+    (&ECDSA_P256_SHA256_FIXED_SIGNING, "ES256"),
+    (&ECDSA_P384_SHA384_FIXED_SIGNING, "ES384"),
+];
+
+impl SigningKey {
+    /// Parses an unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`, RSA or EC), PKCS#1
+    /// (`RSA PRIVATE KEY`) or SEC 1 (`EC PRIVATE KEY`).
+    pub(crate) fn from_pem(pem: &str, path: &Path) -> Result<Self, CredentialError> {
+        let err = |why| CredentialError::Key {
+            path: path.to_path_buf(),
+            why,
+        };
+        let (label, der) = pem_block(pem).ok_or_else(|| err("not a PEM private key"))?;
+        let ec = |parse: &dyn Fn(&'static EcdsaSigningAlgorithm) -> Option<EcdsaKeyPair>| {
+            EC_ALGS
+                .iter()
+                .find_map(|(alg, name)| parse(alg).map(|k| SigningKey::Ec(k, name)))
+        };
+        let key = match label.as_str() {
+            "PRIVATE KEY" => RsaKeyPair::from_pkcs8(&der)
+                .ok()
+                .map(SigningKey::Rsa)
+                .or_else(|| ec(&|alg| EcdsaKeyPair::from_pkcs8(alg, &der).ok())),
+            "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der).ok().map(SigningKey::Rsa),
+            "EC PRIVATE KEY" => ec(&|alg| EcdsaKeyPair::from_private_key_der(alg, &der).ok()),
+            "ENCRYPTED PRIVATE KEY" => return Err(err("encrypted keys are not supported")),
+            _ => return Err(err("not a PEM private key")),
+        };
+        key.ok_or_else(|| err("not an RSA, P-256 or P-384 private key"))
+    }
+
+    /// The JWS `alg` this key signs with.
+    pub(crate) fn alg(&self) -> &'static str {
+        match self {
+            SigningKey::Rsa(_) => "RS256",
+            SigningKey::Ec(_, alg) => alg,
+        }
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CredentialError> {
+        let rng = SystemRandom::new();
+        match self {
+            SigningKey::Rsa(key) => {
+                let mut sig = vec![0; key.public_modulus_len()];
+                key.sign(&RSA_PKCS1_SHA256, &rng, message, &mut sig)
+                    .map_err(|_| CredentialError::Sign)?;
+                Ok(sig)
+            }
+            SigningKey::Ec(key, _) => Ok(key
+                .sign(&rng, message)
+                .map_err(|_| CredentialError::Sign)?
+                .as_ref()
+                .to_vec()),
+        }
+    }
+
+    /// A client assertion (RFC 7523 §3): `iss` = `sub` = `client_id`, `aud` = `audience`,
+    /// random `jti`, `iat` = now, `exp` = now + [`ASSERTION_LIFETIME`].
+    pub(crate) fn sign_assertion(
+        &self,
+        client_id: &str,
+        audience: &str,
+        key_id: Option<&str>,
+        now: SystemTime,
+    ) -> Result<SecretString, CredentialError> {
+        #[derive(Serialize)]
+        struct Header<'a> {
+            alg: &'a str,
+            typ: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            kid: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        struct Claims<'a> {
+            iss: &'a str,
+            sub: &'a str,
+            aud: &'a str,
+            jti: String,
+            iat: u64,
+            exp: u64,
+        }
+        let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let mut jti = [0u8; JTI_BYTES];
+        aws_lc_rs::rand::fill(&mut jti).map_err(|_| CredentialError::Sign)?;
+        let header = Header {
+            alg: self.alg(),
+            typ: "JWT",
+            kid: key_id,
+        };
+        let claims = Claims {
+            iss: client_id,
+            sub: client_id,
+            aud: audience,
+            jti: URL_SAFE_NO_PAD.encode(jti),
+            iat,
+            exp: iat + ASSERTION_LIFETIME.as_secs(),
+        };
+        let mut jws = format!("{}.{}", b64_json(&header)?, b64_json(&claims)?);
+        let sig = self.sign(jws.as_bytes())?;
+        jws.push('.');
+        jws.push_str(&URL_SAFE_NO_PAD.encode(sig));
+        Ok(SecretString::from(jws))
+    }
+}
+
+/// base64url(JSON(value)), as a JWS header or payload (RFC 7515 §7.1).
+fn b64_json<T: Serialize>(value: &T) -> Result<String, CredentialError> {
+    let json = serde_json::to_vec(value).map_err(|_| CredentialError::Sign)?;
+    Ok(URL_SAFE_NO_PAD.encode(json))
+}
+
+/// The label and DER content of the first PEM block (RFC 7468).
+fn pem_block(pem: &str) -> Option<(String, Vec<u8>)> {
+    let mut lines = pem.lines().map(str::trim);
+    let label = lines
+        .find_map(|l| l.strip_prefix("-----BEGIN ")?.strip_suffix("-----"))?
+        .to_owned();
+    let end = format!("-----END {label}-----");
+    let mut b64 = String::new();
+    for line in lines.by_ref() {
+        if line == end {
+            return STANDARD.decode(b64).ok().map(|der| (label, der));
+        }
+        if line.contains(':') {
+            // RFC 1421 headers (Proc-Type: 4,ENCRYPTED ...): an encrypted legacy key.
+            return Some(("ENCRYPTED PRIVATE KEY".to_owned(), Vec::new()));
+        }
+        b64.push_str(line);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{self, KeyPair};
+
+    use super::*;
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let b64 = STANDARD.encode(der);
+        let body: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            body.join("\n")
+        )
+    }
+
+    fn decode_basic(value: &HeaderValue) -> String {
+        let b64 = value
+            .to_str()
+            .expect("ascii")
+            .strip_prefix("Basic ")
+            .expect("basic");
+        String::from_utf8(STANDARD.decode(b64).expect("base64")).expect("utf8")
+    }
+
+    #[test]
+    fn basic_credentials_are_form_encoded_before_base64() {
+        let v = basic_authorization(
+            &form_encode("my client:1"),
+            &SecretString::from("p@ss:w%rd+ /é"),
+        )
+        .expect("header");
+        assert!(v.is_sensitive());
+        assert_eq!(
+            decode_basic(&v),
+            "my+client%3A1:p%40ss%3Aw%25rd%2B+%2F%C3%A9"
+        );
+        // Only the first ':' separates id from secret after decoding.
+        let decoded = decode_basic(&v);
+        let (id, secret) = decoded.split_once(':').expect("colon");
+        let unenc = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .expect("pair")
+                .1
+                .into_owned()
+        };
+        assert_eq!(unenc(id), "my client:1");
+        assert_eq!(unenc(secret), "p@ss:w%rd+ /é");
+    }
+
+    #[test]
+    fn plain_ids_and_secrets_are_unchanged() {
+        let v = basic_authorization(&form_encode("txp"), &SecretString::from("s3cr3t"))
+            .expect("header");
+        assert_eq!(
+            v,
+            format!("Basic {}", STANDARD.encode("txp:s3cr3t")).as_str()
+        );
+    }
+
+    fn verify(
+        jws: &str,
+        alg: &'static dyn signature::VerificationAlgorithm,
+        public: &[u8],
+    ) -> serde_json::Value {
+        let (signed, sig) = jws.rsplit_once('.').expect("three parts");
+        let sig = URL_SAFE_NO_PAD.decode(sig).expect("b64");
+        signature::UnparsedPublicKey::new(alg, public)
+            .verify(signed.as_bytes(), &sig)
+            .expect("signature verifies");
+        let (header, claims) = signed.split_once('.').expect("parts");
+        let header: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).expect("b64")).expect("json");
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).expect("b64")).expect("json");
+        claims["header"] = header;
+        claims
+    }
+
+    #[test]
+    fn ec_assertions_are_es256_with_the_rfc7523_claims() {
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .expect("key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+            .expect("key");
+        let key = SigningKey::from_pem(&pem("PRIVATE KEY", pkcs8.as_ref()), Path::new("k.pem"))
+            .expect("parse");
+        assert_eq!(key.alg(), "ES256");
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let jws = key
+            .sign_assertion("txp", "https://idp/token", Some("k1"), now)
+            .expect("sign");
+        let c = verify(
+            jws.expose_secret(),
+            &signature::ECDSA_P256_SHA256_FIXED,
+            pair.public_key().as_ref(),
+        );
+        assert_eq!(c["header"]["alg"], "ES256");
+        assert_eq!(c["header"]["kid"], "k1");
+        assert_eq!(c["iss"], "txp");
+        assert_eq!(c["sub"], "txp");
+        assert_eq!(c["aud"], "https://idp/token");
+        assert_eq!(c["iat"], 1_700_000_000);
+        assert_eq!(c["exp"], 1_700_000_060);
+        let again = key
+            .sign_assertion("txp", "https://idp/token", Some("k1"), now)
+            .expect("sign");
+        let c2 = verify(
+            again.expose_secret(),
+            &signature::ECDSA_P256_SHA256_FIXED,
+            pair.public_key().as_ref(),
+        );
+        assert_ne!(c["jti"], c2["jti"], "jti must be fresh");
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(c["jti"].as_str().expect("jti"))
+                .expect("b64")
+                .len(),
+            JTI_BYTES
+        );
+    }
+
+    #[test]
+    fn sec1_ec_keys_and_p384_are_accepted() {
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &SystemRandom::new())
+                .expect("key");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref())
+            .expect("key");
+        let sec1 = pair.private_key().as_der().expect("sec1");
+        let key = SigningKey::from_pem(&pem("EC PRIVATE KEY", sec1.as_ref()), Path::new("k.pem"))
+            .expect("parse");
+        assert_eq!(key.alg(), "ES384");
+        let jws = key
+            .sign_assertion("txp", "aud", None, SystemTime::now())
+            .expect("sign");
+        let c = verify(
+            jws.expose_secret(),
+            &signature::ECDSA_P384_SHA384_FIXED,
+            pair.public_key().as_ref(),
+        );
+        assert!(c["header"].get("kid").is_none());
+    }
+
+    #[test]
+    fn rsa_keys_sign_rs256() {
+        let pair = signature::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa");
+        let pkcs8 = pair.as_der().expect("pkcs8");
+        let key = SigningKey::from_pem(&pem("PRIVATE KEY", pkcs8.as_ref()), Path::new("k.pem"))
+            .expect("parse");
+        assert_eq!(key.alg(), "RS256");
+        let jws = key
+            .sign_assertion("txp", "aud", None, SystemTime::now())
+            .expect("sign");
+        verify(
+            jws.expose_secret(),
+            &signature::RSA_PKCS1_2048_8192_SHA256,
+            pair.public_key().as_ref(),
+        );
+    }
+
+    #[test]
+    fn bad_keys_are_refused_naming_the_file_only() {
+        let p = Path::new("/keys/k.pem");
+        for text in [
+            "",
+            "hello",
+            "-----BEGIN PRIVATE KEY-----\nnot base64!\n-----END PRIVATE KEY-----",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----",
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----",
+            "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n\nAAAA\n-----END RSA PRIVATE KEY-----",
+        ] {
+            let err = SigningKey::from_pem(text, p).map(|_| ()).expect_err(text);
+            let msg = err.to_string();
+            assert!(msg.contains("/keys/k.pem"), "{msg}");
+            assert!(!msg.contains("AAAA"), "{msg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_method_produces_its_parameters() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cr3t\n").expect("write");
+        let endpoint: Url = "https://idp.example.com/token".parse().expect("url");
+        let names = |c: &Credentials| c.params.iter().map(|(k, _)| *k).collect::<Vec<_>>();
+
+        let basic = ClientAuthenticator::new(
+            "txp",
+            &ClientAuth::ClientSecretBasic {
+                secret_file: secret.clone(),
+            },
+        )
+        .expect("basic");
+        let c = basic.credentials(&endpoint).await.expect("creds");
+        assert_eq!(
+            decode_basic(c.authorization.as_ref().expect("header")),
+            "txp:s3cr3t"
+        );
+        assert!(c.params.is_empty());
+
+        let post = ClientAuthenticator::new(
+            "txp",
+            &ClientAuth::ClientSecretPost {
+                secret_file: secret.clone(),
+            },
+        )
+        .expect("post");
+        let c = post.credentials(&endpoint).await.expect("creds");
+        assert!(c.authorization.is_none());
+        assert_eq!(names(&c), ["client_id", "client_secret"]);
+        assert_eq!(c.params[1].1.expose_secret(), "s3cr3t");
+
+        let assertion = dir.path().join("assertion");
+        std::fs::write(&assertion, "first.assertion.jwt\n").expect("write");
+        let file = ClientAuthenticator::new(
+            "txp",
+            &ClientAuth::ClientAssertionFile {
+                assertion_file: assertion.clone(),
+            },
+        )
+        .expect("file");
+        let c = file.credentials(&endpoint).await.expect("creds");
+        assert_eq!(
+            names(&c),
+            ["client_id", "client_assertion_type", "client_assertion"]
+        );
+        assert_eq!(c.params[1].1.expose_secret(), JWT_BEARER_ASSERTION_TYPE);
+        assert_eq!(c.params[2].1.expose_secret(), "first.assertion.jwt");
+        // Same length, same second: still re-read.
+        std::fs::write(&assertion, "secnd.assertion.jwt\n").expect("write");
+        let c = file.credentials(&endpoint).await.expect("creds");
+        assert_eq!(c.params[2].1.expose_secret(), "secnd.assertion.jwt");
+
+        let none = ClientAuthenticator::new("txp", &ClientAuth::None).expect("none");
+        let c = none.credentials(&endpoint).await.expect("creds");
+        assert_eq!(names(&c), ["client_id"]);
+        assert_eq!(c.params[0].1.expose_secret(), "txp");
+    }
+
+    #[tokio::test]
+    async fn a_replaced_private_key_is_used_from_the_next_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key.pem");
+        let gen_key = || {
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(
+                &ECDSA_P256_SHA256_FIXED_SIGNING,
+                &SystemRandom::new(),
+            )
+            .expect("key");
+            let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+                .expect("key");
+            (
+                pem("PRIVATE KEY", pkcs8.as_ref()),
+                pair.public_key().as_ref().to_vec(),
+            )
+        };
+        let (pem1, pub1) = gen_key();
+        std::fs::write(&path, &pem1).expect("write");
+        let auth = ClientAuthenticator::new(
+            "txp",
+            &ClientAuth::PrivateKeyJwt {
+                private_key_file: path.clone(),
+                key_id: Some("k1".into()),
+            },
+        )
+        .expect("jwt");
+        let endpoint: Url = "https://idp.example.com/token".parse().expect("url");
+        let c = auth.credentials(&endpoint).await.expect("creds");
+        let c = verify(
+            c.params[2].1.expose_secret(),
+            &signature::ECDSA_P256_SHA256_FIXED,
+            &pub1,
+        );
+        assert_eq!(c["aud"], "https://idp.example.com/token");
+
+        let (pem2, pub2) = gen_key();
+        // Make sure the file's stamp changes even on a coarse-grained file system.
+        std::fs::write(&path, format!("{pem2}\n\n")).expect("write");
+        let c = auth.credentials(&endpoint).await.expect("creds");
+        verify(
+            c.params[2].1.expose_secret(),
+            &signature::ECDSA_P256_SHA256_FIXED,
+            &pub2,
+        );
+    }
+
+    #[test]
+    fn unreadable_files_fail_the_setup() {
+        let missing = PathBuf::from("/nonexistent/txp/secret");
+        for auth in [
+            ClientAuth::ClientSecretBasic {
+                secret_file: missing.clone(),
+            },
+            ClientAuth::ClientSecretPost {
+                secret_file: missing.clone(),
+            },
+            ClientAuth::PrivateKeyJwt {
+                private_key_file: missing.clone(),
+                key_id: None,
+            },
+            ClientAuth::ClientAssertionFile {
+                assertion_file: missing.clone(),
+            },
+        ] {
+            let err = ClientAuthenticator::new("txp", &auth).expect_err("missing file");
+            assert!(err.to_string().contains("/nonexistent/txp/secret"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! Reading the token endpoint's answer: the success response checked before use
+//! (RFC 8693 §2.2.1), and error responses (RFC 6749 §5.2, RFC 8693 §2.2.2) sorted by whose
+//! fault they are (SPEC "Exchange outcomes").
+//!
+//! Nothing from the IdP's body reaches the client, and only the `error` code reaches the log,
+//! reduced to `[a-z_]` and truncated (`sanitize_code`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http::{HeaderValue, StatusCode};
+use serde::Deserialize;
+
+/// `Retry-After` when the IdP gives none: long enough not to hammer a struggling IdP.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// The longest `Retry-After` passed on: an IdP asking for hours would park clients for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The shortest `Retry-After` given (HTTP has whole seconds; zero invites a busy loop).
+pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Longest `error` code written to the log.
+const MAX_LOGGED_CODE: usize = 40;
+
+/// RFC 8693 §2.2.1: the response fields the proxy uses.
+#[derive(Deserialize)]
+struct SuccessBody {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    issued_token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+}
+
+/// A usable exchanged token.
+#[derive(Debug)]
+pub(crate) struct Issued {
+    /// `Bearer <access_token>`, marked sensitive.
+    pub(crate) authorization: HeaderValue,
+    /// From `expires_in`, else from the issued JWT's `exp`; `None` if neither is known.
+    pub(crate) lifetime: Option<Duration>,
+}
+
+/// Why a 200 response is unusable (for the log; never contains response content).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unusable {
+    NotJson,
+    NoAccessToken,
+    TokenNotHeaderSafe,
+    TokenTypeNotBearer,
+    IssuedTokenTypeMismatch,
+    BadExpiresIn,
+    AlreadyExpired,
+    TooLarge,
+}
+
+impl Unusable {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Unusable::NotJson => "not a JSON object",
+            Unusable::NoAccessToken => "no access_token",
+            Unusable::TokenNotHeaderSafe => "access_token has characters not allowed in a header",
+            Unusable::TokenTypeNotBearer => "token_type is not Bearer",
+            Unusable::IssuedTokenTypeMismatch => "issued_token_type is not the requested one",
+            Unusable::BadExpiresIn => "expires_in is not a non-negative number",
+            Unusable::AlreadyExpired => "the issued token is already expired",
+            Unusable::TooLarge => "the response is too large",
+        }
+    }
+}
+
+/// Checks a 200 response: a non-empty `access_token` that fits in a header, `token_type`
+/// Bearer (case-insensitive, RFC 6749 §5.1), `issued_token_type` equal to the requested one
+/// when present, and a lifetime that has not already run out.
+pub(crate) fn parse_success(
+    body: &[u8],
+    requested_token_type: &str,
+    now: SystemTime,
+) -> Result<Issued, Unusable> {
+    // serde_json's errors may quote the body; they are dropped, never logged.
+    let parsed: SuccessBody = serde_json::from_slice(body).map_err(|_| Unusable::NotJson)?;
+    let token = parsed
+        .access_token
+        .filter(|t| !t.is_empty())
+        .ok_or(Unusable::NoAccessToken)?;
+    if !parsed
+        .token_type
+        .is_some_and(|t| t.eq_ignore_ascii_case("bearer"))
+    {
+        return Err(Unusable::TokenTypeNotBearer);
+    }
+    if parsed
+        .issued_token_type
+        .is_some_and(|t| t != requested_token_type)
+    {
+        return Err(Unusable::IssuedTokenTypeMismatch);
+    }
+    let lifetime = match parsed.expires_in {
+        Some(v) => Some(expires_in(&v).ok_or(Unusable::BadExpiresIn)?),
+        None => jwt_exp(&token).map(|exp| exp_remaining(exp, now)),
+    };
+    if lifetime.is_some_and(|l| l.is_zero()) {
+        return Err(Unusable::AlreadyExpired);
+    }
+    // RFC 6750 §2.1 b64token is a subset of this; some IdPs issue opaque tokens with other
+    // visible characters, so allow all of them, but never a space or a control character.
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Unusable::TokenNotHeaderSafe);
+    }
+    let mut authorization = HeaderValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| Unusable::TokenNotHeaderSafe)?;
+    authorization.set_sensitive(true);
+    Ok(Issued {
+        authorization,
+        lifetime,
+    })
+}
+
+/// `expires_in` as a JSON number (RFC 6749 §5.1), or a string of digits as some IdPs send.
+fn expires_in(v: &serde_json::Value) -> Option<Duration> {
+    match v {
+        serde_json::Value::Number(n) => {
+            if let Some(secs) = n.as_u64() {
+                Some(Duration::from_secs(secs))
+            } else {
+                n.as_f64()
+                    .filter(|f| f.is_finite() && *f >= 0.0)
+                    .map(|f| Duration::from_secs(f as u64))
+            }
+        }
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok().map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// The `exp` of a JWS compact token, read without verification (only to bound caching).
+fn jwt_exp(token: &str) -> Option<f64> {
+    #[derive(Deserialize)]
+    struct Exp {
+        exp: Option<f64>,
+    }
+    let mut parts = token.split('.');
+    let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None; // JWE: five parts, nothing readable
+    }
+    let json = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice::<Exp>(&json)
+        .ok()?
+        .exp
+        .filter(|e| e.is_finite())
+}
+
+fn exp_remaining(exp: f64, now: SystemTime) -> Duration {
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    Duration::try_from_secs_f64(exp - now).unwrap_or(Duration::ZERO)
+}
+
+/// Whose fault a failed exchange is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The IdP refused the subject token.
+    Subject,
+    /// The IdP refused the requested scope.
+    Scope,
+    /// The IdP refused the proxy itself, or the request the proxy is configured to make.
+    Client,
+    /// The IdP is overloaded or failing (5xx, 429, 408).
+    Unavailable,
+}
+
+/// Sorts a non-2xx answer (SPEC "Exchange outcomes").
+///
+/// 1. 5xx, 429 and 408 are the IdP's own trouble: `Unavailable`, whatever the body says.
+/// 2. Otherwise a known `error` code decides: `invalid_grant`, `invalid_target`,
+///    `invalid_request` (RFC 8693 §2.2.2, RFC 6749 §5.2) → subject; `invalid_scope` → scope;
+///    `invalid_client`, `unauthorized_client`, `unsupported_grant_type` → client. A few
+///    widespread non-standard codes are understood too: `invalid_token`, `expired_token`,
+///    `token_revoked` → subject; `insufficient_scope`, `scope_escalation` → scope.
+/// 3. Anything else (401 and 403 included, a 400 with an unknown or no code, 404, a redirect)
+///    is the proxy's side: `Client` (502). A 400 we cannot read says nothing about the
+///    subject, and answering 401 would make the client drop a good token and retry in a loop;
+///    a 502 shows up in `txp_exchange_requests_total{result="client_error"}` for the operator.
+pub(crate) fn classify(status: StatusCode, error_code: Option<&str>) -> Refusal {
+    if status.is_server_error()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+    {
+        return Refusal::Unavailable;
+    }
+    match error_code {
+        Some("invalid_grant" | "invalid_target" | "invalid_request") => Refusal::Subject,
+        Some("invalid_token" | "expired_token" | "token_revoked") => Refusal::Subject,
+        Some("invalid_scope" | "insufficient_scope" | "scope_escalation") => Refusal::Scope,
+        Some("invalid_client" | "unauthorized_client" | "unsupported_grant_type") => {
+            Refusal::Client
+        }
+        _ => Refusal::Client,
+    }
+}
+
+/// The `error` member of an error response (RFC 6749 §5.2), if the body is such JSON.
+pub(crate) fn error_code(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: Option<String>,
+    }
+    serde_json::from_slice::<ErrorBody>(body).ok()?.error
+}
+
+/// An `error` code fit for the log: lower-cased, letters and `_` only, at most 40 of them.
+pub(crate) fn sanitize_code(code: &str) -> String {
+    code.chars()
+        .map(|c| c.to_ascii_lowercase())
+        .filter(|c| c.is_ascii_lowercase() || *c == '_')
+        .take(MAX_LOGGED_CODE)
+        .collect()
+}
+
+/// The IdP's `Retry-After` (RFC 9110 §10.2.3: delta-seconds or an HTTP-date), clamped to
+/// [`MIN_RETRY_AFTER`]..=[`MAX_RETRY_AFTER`]; [`DEFAULT_RETRY_AFTER`] when absent or unreadable.
+pub(crate) fn retry_after(value: Option<&HeaderValue>, now: SystemTime) -> Duration {
+    let parsed = value
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .and_then(|v| {
+            if let Ok(secs) = v.parse::<u64>() {
+                Some(Duration::from_secs(secs))
+            } else {
+                let at = httpdate::parse_http_date(v).ok()?;
+                // A date in the past means "now"; round up to whole seconds.
+                let d = at.duration_since(now).unwrap_or_default();
+                Some(Duration::from_secs(
+                    d.as_secs() + u64::from(d.subsec_nanos() > 0),
+                ))
+            }
+        });
+    parsed
+        .unwrap_or(DEFAULT_RETRY_AFTER)
+        .clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER)
+}
+
+/// Rounds a wait up to whole seconds (the unit of `Retry-After`), at least one.
+pub(crate) fn whole_seconds(d: Duration) -> Duration {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    Duration::from_secs(secs.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AT: &str = "urn:ietf:params:oauth:token-type:access_token";
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn parse(body: &str) -> Result<Issued, Unusable> {
+        parse_success(body.as_bytes(), AT, now())
+    }
+
+    fn jwt_with(payload: &str) -> String {
+        format!(
+            "eyJhbGciOiJSUzI1NiJ9.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(payload)
+        )
+    }
+
+    #[test]
+    fn a_good_response_becomes_a_sensitive_bearer_header() {
+        let issued = parse(&format!(
+            r#"{{"access_token":"abc.def-_~+/=","token_type":"bearer","issued_token_type":"{AT}","expires_in":300}}"#
+        ))
+        .expect("usable");
+        assert_eq!(issued.authorization, "Bearer abc.def-_~+/=");
+        assert!(issued.authorization.is_sensitive());
+        assert_eq!(issued.lifetime, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn unusable_responses_are_refused() {
+        let cases = [
+            ("not json", Unusable::NotJson),
+            ("[]", Unusable::NotJson),
+            (r#"{"token_type":"Bearer"}"#, Unusable::NoAccessToken),
+            (
+                r#"{"access_token":"","token_type":"Bearer"}"#,
+                Unusable::NoAccessToken,
+            ),
+            (r#"{"access_token":"t"}"#, Unusable::TokenTypeNotBearer),
+            (
+                r#"{"access_token":"t","token_type":"N_A"}"#,
+                Unusable::TokenTypeNotBearer,
+            ),
+            (
+                r#"{"access_token":"t","token_type":"DPoP"}"#,
+                Unusable::TokenTypeNotBearer,
+            ),
+            (
+                r#"{"access_token":"t","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:id_token"}"#,
+                Unusable::IssuedTokenTypeMismatch,
+            ),
+            (
+                r#"{"access_token":"t","token_type":"Bearer","expires_in":-5}"#,
+                Unusable::BadExpiresIn,
+            ),
+            (
+                r#"{"access_token":"t","token_type":"Bearer","expires_in":"soon"}"#,
+                Unusable::BadExpiresIn,
+            ),
+            (
+                r#"{"access_token":"t","token_type":"Bearer","expires_in":0}"#,
+                Unusable::AlreadyExpired,
+            ),
+            (
+                r#"{"access_token":"a b","token_type":"Bearer"}"#,
+                Unusable::TokenNotHeaderSafe,
+            ),
+            (
+                r#"{"access_token":"a\r\nX-Injected: 1","token_type":"Bearer"}"#,
+                Unusable::TokenNotHeaderSafe,
+            ),
+            (
+                r#"{"access_token":"tök","token_type":"Bearer"}"#,
+                Unusable::TokenNotHeaderSafe,
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(parse(body).map(|_| ()), Err(want), "{body}");
+        }
+    }
+
+    #[test]
+    fn lifetime_falls_back_to_the_issued_jwt_exp() {
+        let token = jwt_with(r#"{"sub":"u","exp":1700000120}"#);
+        let issued = parse(&format!(
+            r#"{{"access_token":"{token}","token_type":"Bearer"}}"#
+        ))
+        .expect("usable");
+        assert_eq!(issued.lifetime, Some(Duration::from_secs(120)));
+        // expires_in wins over exp.
+        let issued = parse(&format!(
+            r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":"30"}}"#
+        ))
+        .expect("usable");
+        assert_eq!(issued.lifetime, Some(Duration::from_secs(30)));
+        // Expired JWT.
+        let old = jwt_with(r#"{"exp":1699999999}"#);
+        assert_eq!(
+            parse(&format!(
+                r#"{{"access_token":"{old}","token_type":"Bearer"}}"#
+            ))
+            .map(|_| ()),
+            Err(Unusable::AlreadyExpired)
+        );
+        // Opaque token, or a JWT without exp: unknown (max_ttl decides).
+        for t in [
+            "opaque-token".to_string(),
+            jwt_with(r#"{"sub":"u"}"#),
+            "a.!!!.c".into(),
+            "a.b.c.d.e".into(),
+        ] {
+            let issued = parse(&format!(
+                r#"{{"access_token":"{t}","token_type":"Bearer"}}"#
+            ))
+            .expect("usable");
+            assert_eq!(issued.lifetime, None, "{t}");
+        }
+    }
+
+    #[test]
+    fn errors_are_sorted_by_whose_fault_they_are() {
+        let s = |n| StatusCode::from_u16(n).expect("status");
+        let cases = [
+            (400, Some("invalid_grant"), Refusal::Subject),
+            (400, Some("invalid_target"), Refusal::Subject),
+            (400, Some("invalid_request"), Refusal::Subject),
+            (401, Some("token_revoked"), Refusal::Subject),
+            (400, Some("invalid_scope"), Refusal::Scope),
+            (403, Some("scope_escalation"), Refusal::Scope),
+            (401, Some("invalid_client"), Refusal::Client),
+            (400, Some("invalid_client"), Refusal::Client),
+            (400, Some("unauthorized_client"), Refusal::Client),
+            (400, Some("unsupported_grant_type"), Refusal::Client),
+            (401, None, Refusal::Client),
+            (403, None, Refusal::Client),
+            (403, Some("access_denied"), Refusal::Client),
+            (400, Some("something_new"), Refusal::Client),
+            (400, None, Refusal::Client),
+            (404, None, Refusal::Client),
+            (302, None, Refusal::Client),
+            (500, Some("invalid_grant"), Refusal::Unavailable),
+            (502, None, Refusal::Unavailable),
+            (503, None, Refusal::Unavailable),
+            (429, Some("slow_down"), Refusal::Unavailable),
+            (408, None, Refusal::Unavailable),
+        ];
+        for (status, code, want) in cases {
+            assert_eq!(classify(s(status), code), want, "{status} {code:?}");
+        }
+    }
+
+    #[test]
+    fn error_codes_are_read_and_sanitized_for_the_log() {
+        assert_eq!(
+            error_code(br#"{"error":"invalid_grant","error_description":"secret stuff"}"#)
+                .as_deref(),
+            Some("invalid_grant")
+        );
+        assert_eq!(error_code(b"<html>"), None);
+        assert_eq!(
+            sanitize_code("Invalid_Grant\r\n<script>\"=1"),
+            "invalid_grantscript"
+        );
+        assert_eq!(sanitize_code(&"a".repeat(500)).len(), 40);
+    }
+
+    #[test]
+    fn retry_after_is_read_and_clamped() {
+        let h = |s: &str| HeaderValue::from_str(s).expect("header");
+        assert_eq!(retry_after(Some(&h("7")), now()), Duration::from_secs(7));
+        assert_eq!(retry_after(Some(&h("0")), now()), MIN_RETRY_AFTER);
+        assert_eq!(retry_after(Some(&h("86400")), now()), MAX_RETRY_AFTER);
+        assert_eq!(retry_after(None, now()), DEFAULT_RETRY_AFTER);
+        assert_eq!(retry_after(Some(&h("soon")), now()), DEFAULT_RETRY_AFTER);
+        let date = httpdate::fmt_http_date(now() + Duration::from_secs(20));
+        assert_eq!(retry_after(Some(&h(&date)), now()), Duration::from_secs(20));
+        let past = httpdate::fmt_http_date(now() - Duration::from_secs(20));
+        assert_eq!(retry_after(Some(&h(&past)), now()), MIN_RETRY_AFTER);
+    }
+
+    #[test]
+    fn waits_round_up_to_whole_seconds() {
+        assert_eq!(
+            whole_seconds(Duration::from_millis(5_001)),
+            Duration::from_secs(6)
+        );
+        assert_eq!(
+            whole_seconds(Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(whole_seconds(Duration::ZERO), Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,217 @@
+//! Exchanger behaviour that needs no IdP: failures before and instead of the call.
+//! Exchanges against a real token endpoint are in `tests/it/exchange.rs`.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::config::{ACCESS_TOKEN_TYPE, ClientAuth, IdpTls};
+
+fn exchange_config(token_endpoint: Option<Url>, client_auth: ClientAuth) -> Exchange {
+    Exchange {
+        token_endpoint,
+        issuer: "http://127.0.0.1:1/realms/test".into(),
+        client_id: "txp".into(),
+        client_auth,
+        audience: vec!["backend".into()],
+        resource: vec![],
+        scope: Some("notes.read".into()),
+        subject_token_type: ACCESS_TOKEN_TYPE.into(),
+        requested_token_type: ACCESS_TOKEN_TYPE.into(),
+        extra_params: BTreeMap::new(),
+        timeout: Duration::from_secs(2),
+    }
+}
+
+fn cache_config() -> Cache {
+    Cache {
+        max_entries: 100,
+        max_ttl: Duration::from_secs(300),
+        expiry_margin: Duration::from_secs(15),
+    }
+}
+
+fn build(
+    config: &Exchange,
+    options: ExchangerOptions,
+) -> (Exchanger, Arc<Metrics>, Arc<Readiness>) {
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+    let idp = IdpClient::new(&IdpTls {
+        ca_file: None,
+        allow_plain_http: false,
+    })
+    .expect("client");
+    let ex = Exchanger::with_options(
+        config,
+        &cache_config(),
+        idp,
+        metrics.clone(),
+        readiness.clone(),
+        options,
+    )
+    .expect("exchanger");
+    (ex, metrics, readiness)
+}
+
+/// A loopback URL where nothing listens.
+async fn closed_port_url() -> Url {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}/token").parse().expect("url")
+}
+
+#[tokio::test]
+async fn an_unreachable_idp_is_unavailable_and_opens_the_circuit() {
+    let config = exchange_config(Some(closed_port_url().await), ClientAuth::None);
+    let settings = BreakerSettings {
+        failure_threshold: 2,
+        cool_down: Duration::from_secs(30),
+    };
+    let (ex, metrics, readiness) = build(
+        &config,
+        ExchangerOptions {
+            breaker: settings,
+            ..Default::default()
+        },
+    );
+    assert!(
+        readiness.check().is_ok(),
+        "a configured endpoint needs no discovery"
+    );
+
+    for _ in 0..2 {
+        let err = ex.exchange("subject", None).await.expect_err("unreachable");
+        assert_eq!(
+            err,
+            ExchangeError::Unavailable {
+                retry_after: response::DEFAULT_RETRY_AFTER
+            }
+        );
+    }
+    assert!(matches!(ex.breaker_state(), BreakerState::Open { .. }));
+    // Open: answered at once, with the remaining cool-down, without a call.
+    let err = ex.exchange("subject", None).await.expect_err("open");
+    let ExchangeError::Unavailable { retry_after } = err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        retry_after > Duration::from_secs(28) && retry_after <= Duration::from_secs(30),
+        "{retry_after:?}"
+    );
+    assert_eq!(
+        metrics.exchange_duration.count(),
+        2,
+        "no IdP call while open"
+    );
+    assert_eq!(
+        metrics.exchange_requests.get(ExchangeResult::Unavailable),
+        3
+    );
+    assert_eq!(metrics.cache_misses.load(Ordering::Relaxed), 3);
+    assert_eq!(metrics.cache_hits.load(Ordering::Relaxed), 0);
+    ex.sync().await;
+    assert_eq!(ex.entry_count(), 0, "failures are not cached");
+}
+
+#[tokio::test]
+async fn without_an_endpoint_exchanges_are_unavailable_and_readiness_waits() {
+    let config = exchange_config(None, ClientAuth::None);
+    let (ex, metrics, readiness) = build(&config, ExchangerOptions::default());
+    assert_eq!(readiness.check(), Err("pending: token_endpoint".into()));
+    let err = ex.exchange("subject", None).await.expect_err("no endpoint");
+    assert_eq!(
+        err,
+        ExchangeError::Unavailable {
+            retry_after: response::DEFAULT_RETRY_AFTER
+        }
+    );
+    assert_eq!(metrics.exchange_duration.count(), 0);
+    assert_eq!(
+        ex.breaker_state(),
+        BreakerState::Closed { failures: 0 },
+        "not the IdP's failure"
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_secret_at_request_time_is_a_client_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cr3t").expect("write");
+    let config = exchange_config(
+        Some(closed_port_url().await),
+        ClientAuth::ClientSecretBasic {
+            secret_file: secret.clone(),
+        },
+    );
+    let (ex, metrics, _) = build(&config, ExchangerOptions::default());
+    std::fs::remove_file(&secret).expect("remove");
+    assert_eq!(
+        ex.exchange("subject", None).await.expect_err("no secret"),
+        ExchangeError::ClientRejected
+    );
+    assert_eq!(
+        metrics.exchange_requests.get(ExchangeResult::ClientError),
+        1
+    );
+    assert_eq!(
+        metrics.exchange_duration.count(),
+        0,
+        "no call without credentials"
+    );
+}
+
+#[test]
+fn setup_fails_naming_the_key_and_file_but_no_content() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("key.pem");
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("write");
+    let config = exchange_config(
+        None,
+        ClientAuth::PrivateKeyJwt {
+            private_key_file: key,
+            key_id: None,
+        },
+    );
+    let idp = IdpClient::new(&IdpTls {
+        ca_file: None,
+        allow_plain_http: false,
+    })
+    .expect("client");
+    let err = Exchanger::new(
+        &config,
+        &cache_config(),
+        idp,
+        Arc::default(),
+        Arc::default(),
+    )
+    .expect_err("bad key");
+    let msg = err.to_string();
+    assert!(msg.starts_with("exchange.client_auth: "), "{msg}");
+    assert!(msg.contains("key.pem"), "{msg}");
+    assert!(!msg.contains("c2VjcmV0"), "{msg}");
+}
+
+#[tokio::test]
+async fn debug_output_names_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "very-secret-value").expect("write");
+    let config = exchange_config(
+        None,
+        ClientAuth::ClientSecretPost {
+            secret_file: secret,
+        },
+    );
+    let (ex, _, _) = build(&config, ExchangerOptions::default());
+    let text = format!("{ex:?}");
+    assert!(text.contains("client_secret_post"), "{text}");
+    assert!(!text.contains("very-secret-value"), "{text}");
+}
