@@ -6,7 +6,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,8 +21,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -220,22 +217,9 @@ impl Issuer {
         state.jwks_up.store(true, Ordering::SeqCst);
         state.discovery_up.store(true, Ordering::SeqCst);
         let s = state.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let s = s.clone();
-                        async move { Ok::<_, Infallible>(route(&s, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        super::serve(listener, move |req| {
+            let s = s.clone();
+            async move { route(&s, req).await }
         });
         Self { addr, state }
     }

@@ -91,16 +91,29 @@ pub async fn echo() -> Echo {
         count: Arc::default(),
     };
     let e = echo.clone();
+    serve(listener, move |req| route(e.clone(), req));
+    echo
+}
+
+/// Serves `handler` on `listener` (HTTP/1.1 and h2c) for the rest of the test.
+pub fn serve<H, Fut, B>(listener: TcpListener, handler: H)
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let e = e.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let e = e.clone();
-                    async move { Ok::<_, Infallible>(route(e, req).await) }
+                let svc = service_fn(move |req| {
+                    let response = handler(req);
+                    async move { Ok::<_, Infallible>(response.await) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -108,7 +121,6 @@ pub async fn echo() -> Echo {
             });
         }
     });
-    echo
 }
 
 async fn route(e: Echo, req: Request<Incoming>) -> Response<BoxBody> {

@@ -20,7 +20,6 @@
 #![allow(dead_code)]
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -33,8 +32,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tokio::net::TcpListener;
 
@@ -183,22 +180,9 @@ impl TokenEndpoint {
         });
         let endpoint = Self { addr, state };
         let e = endpoint.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let e = e.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let e = e.clone();
-                        async move { Ok::<_, Infallible>(e.handle(req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        super::serve(listener, move |req| {
+            let e = e.clone();
+            async move { e.handle(req).await }
         });
         endpoint
     }
