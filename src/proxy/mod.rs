@@ -346,30 +346,17 @@ mod tests {
             bearer_token(&http::HeaderMap::new(), 100),
             Err(Denial::MissingToken)
         );
-        assert_eq!(
-            bearer_token(&auth("Basic dXNlcg=="), 100),
-            Err(Denial::MissingToken)
-        );
-        assert_eq!(
-            bearer_token(&auth("Bearer"), 100),
-            Err(Denial::MalformedToken)
-        );
-        assert_eq!(
-            bearer_token(&auth("Bearer "), 100),
-            Err(Denial::MalformedToken)
-        );
-        assert_eq!(
-            bearer_token(&auth("Bearer a b"), 100),
-            Err(Denial::MalformedToken)
-        );
-        assert_eq!(
-            bearer_token(&auth("Bearer a\"b"), 100),
-            Err(Denial::MalformedToken)
-        );
-        assert_eq!(
-            bearer_token(&auth(&format!("Bearer {}", "a".repeat(101))), 100),
-            Err(Denial::TokenTooLarge)
-        );
+        let long = format!("Bearer {}", "a".repeat(101));
+        for (value, expected) in [
+            ("Basic dXNlcg==", Denial::MissingToken),
+            ("Bearer", Denial::MalformedToken),
+            ("Bearer ", Denial::MalformedToken),
+            ("Bearer a b", Denial::MalformedToken),
+            ("Bearer a\"b", Denial::MalformedToken),
+            (long.as_str(), Denial::TokenTooLarge),
+        ] {
+            assert_eq!(bearer_token(&auth(value), 100), Err(expected), "{value}");
+        }
         let mut two = auth("Bearer a");
         two.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
         assert_eq!(bearer_token(&two, 100), Err(Denial::MalformedToken));
