@@ -54,6 +54,7 @@ fn main() -> ExitCode {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e).map(ToString::to_string), "start-up failed");
+                logging::flush();
                 return ExitCode::from(EXIT_START);
             }
         };
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
         running.shutdown();
         running.wait().await;
         tracing::info!("shut down cleanly");
+        logging::flush();
         ExitCode::SUCCESS
     })
 }

@@ -77,10 +77,12 @@ impl KeyDeriver {
         Self { prefix: ctx }
     }
 
-    /// The key for `subject` under these parameters: one SHA-256 over the subject token.
-    pub(crate) fn key(&self, subject: &str) -> CacheKey {
+    /// The key for a subject token under these parameters, from the token's SHA-256 digest
+    /// (which the validator has already computed): the subject enters the key as its digest,
+    /// so a lookup hashes 32 bytes instead of the whole token.
+    pub(crate) fn key(&self, subject_digest: &[u8; 32]) -> CacheKey {
         let mut ctx = self.prefix.clone();
-        field(&mut ctx, subject.as_bytes());
+        field(&mut ctx, subject_digest);
         let mut key = [0u8; 32];
         key.copy_from_slice(ctx.finish().as_ref());
         key
@@ -218,14 +220,15 @@ mod tests {
     fn key_with(change: impl FnOnce(&mut Exchange), subject: &str) -> CacheKey {
         let mut c = config();
         change(&mut c);
-        KeyDeriver::new(&c).key(subject)
+        KeyDeriver::new(&c).key(&crate::inbound::cache::digest(subject))
     }
 
     #[test]
     fn same_parameters_and_subject_give_the_same_key() {
         assert_eq!(key_with(|_| {}, "token-a"), key_with(|_| {}, "token-a"));
         let d = KeyDeriver::new(&config());
-        assert_eq!(d.key("token-a"), d.clone().key("token-a"));
+        let digest = crate::inbound::cache::digest("token-a");
+        assert_eq!(d.key(&digest), d.clone().key(&digest));
     }
 
     #[test]

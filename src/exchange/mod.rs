@@ -263,7 +263,21 @@ impl Exchanger {
         subject: &str,
         subject_expires_at: Option<u64>,
     ) -> Result<Exchanged, ExchangeError> {
-        let key = self.keys.key(subject);
+        let digest = crate::inbound::cache::digest(subject);
+        self.exchange_digested(subject, &digest, subject_expires_at)
+            .await
+    }
+
+    /// [`Exchanger::exchange`] for a subject whose SHA-256 digest
+    /// ([`crate::inbound::cache::digest`]) the caller already has — the request path, which
+    /// computed it to validate the token. `subject_digest` must be that token's digest.
+    pub async fn exchange_digested(
+        &self,
+        subject: &str,
+        subject_digest: &[u8; 32],
+        subject_expires_at: Option<u64>,
+    ) -> Result<Exchanged, ExchangeError> {
+        let key = self.keys.key(subject_digest);
         if let Some(entry) = self.cache.get(&key).await {
             if entry.is_servable(Instant::now()) {
                 Metrics::inc(&self.metrics.cache_hits);

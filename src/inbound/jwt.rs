@@ -74,11 +74,21 @@ fn is_base64url(b: u8) -> bool {
 /// `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 pub fn is_b64token(token: &str) -> bool {
     let body = token.trim_end_matches('=');
-    !body.is_empty()
-        && body.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
-        })
+    !body.is_empty() && body.bytes().all(|b| B64TOKEN[usize::from(b)])
 }
+
+/// The RFC 6750 §2.1 `b64token` alphabet as a lookup table: one load per byte on the hot path.
+static B64TOKEN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] =
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        b += 1;
+    }
+    table
+};
 
 /// True when no array or object in `json` nests deeper than `max`. A linear scan that tracks
 /// strings and escapes, so that hostile nesting is refused before a recursive parser runs.
@@ -206,6 +216,18 @@ pub fn typ_accepted(typ: Option<&str>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn b64token_table_matches_rfc6750_alphabet() {
+        for b in 0..=255u8 {
+            let expected =
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+            assert_eq!(B64TOKEN[usize::from(b)], expected, "byte {b}");
+        }
+        assert!(is_b64token("abc.DEF-_~+/=="));
+        assert!(!is_b64token("=="));
+        assert!(!is_b64token("a b"));
+    }
     use proptest::prelude::*;
 
     fn b64(s: &str) -> String {

@@ -269,13 +269,28 @@ impl Validator {
         if token.len() > self.max_token_bytes {
             return Err(reject(RejectReason::TooLarge, "token too large"));
         }
-        if !jwt::is_b64token(token) {
-            return Err(reject(RejectReason::Malformed, "malformed token"));
+        self.validate_digested(token, cache::digest(token)).await
+    }
+
+    /// [`Validator::validate`] for a token whose digest ([`cache::digest`]) the caller has
+    /// already computed (the request path shares it with the exchange cache). `digest` must be
+    /// that token's digest.
+    pub async fn validate_digested(
+        &self,
+        token: &str,
+        digest: TokenDigest,
+    ) -> Result<Principal, InboundError> {
+        if token.len() > self.max_token_bytes {
+            return Err(reject(RejectReason::TooLarge, "token too large"));
         }
         let now = unix_now();
-        let digest = cache::digest(token);
         if let Some(decision) = self.cache.get(&digest, now).await {
             return decision;
+        }
+        // Only decisions about well-formed tokens are ever cached, so the alphabet needs
+        // checking on a miss only.
+        if !jwt::is_b64token(token) {
+            return Err(reject(RejectReason::Malformed, "malformed token"));
         }
         match (jwt::split(token), &self.introspection) {
             (Some(segments), _) => self.validate_jwt(segments, digest, now).await,

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::config::{Config, Mode};
 use crate::error::{self, Denial};
 use crate::exchange::Exchanger;
-use crate::inbound::Validator;
+use crate::inbound::{self, Validator};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 pub use body::{AccessLog, ProxyBody};
 
@@ -161,16 +161,18 @@ async fn authorize(
     log: &mut AccessLog,
 ) -> Result<HeaderValue, Denial> {
     let token = bearer_token(req.headers(), state.config.inbound.max_token_bytes)?;
+    // One SHA-256 of the token serves both caches.
+    let digest = inbound::cache::digest(token);
     let principal = state
         .validator
-        .validate(token)
+        .validate_digested(token, digest)
         .await
         .map_err(Denial::Inbound)?;
     log.sub = principal.sub.clone();
     match (&state.config.mode, &state.exchanger) {
         (Mode::Exchange, Some(exchanger)) => {
             let exchanged = exchanger
-                .exchange(token, principal.expires_at)
+                .exchange_digested(token, &digest, principal.expires_at)
                 .await
                 .map_err(Denial::Exchange)?;
             log.cache = Some(exchanged.cache.as_str());
@@ -208,13 +210,7 @@ pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str,
     if token.len() > max_bytes {
         return Err(Denial::TokenTooLarge);
     }
-    // b64token (RFC 6750 §2.1): ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" *"="
-    let body = token.trim_end_matches('=');
-    if body.is_empty()
-        || !body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
-    {
+    if !inbound::jwt::is_b64token(token) {
         return Err(Denial::MalformedToken);
     }
     Ok(token)
