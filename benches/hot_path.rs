@@ -6,8 +6,10 @@
 //! The validator and the exchanger are the real ones, built from a config and talking to the
 //! in-process fake IdP of `benches/support/fake_idp.rs` on 127.0.0.1:0.
 //!
-//!     cargo bench --bench hot_path                 # all
-//!     cargo bench --bench hot_path -- exchange     # those whose name contains "exchange"
+//! ```text
+//! cargo bench --bench hot_path                 # all
+//! cargo bench --bench hot_path -- exchange     # those whose name contains "exchange"
+//! ```
 //!
 //! Async steps are driven with `Runtime::block_on`; the `block_on_ready` case measures that
 //! harness overhead so it can be subtracted.
@@ -62,6 +64,7 @@ impl Fixture {
             .block_on(fake_idp::FakeIdp::bind(
                 SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
                 Duration::ZERO,
+                fake_idp::DEFAULT_TOKEN_BYTES,
             ))
             .expect("bind the fake IdP");
         rt.spawn(idp.clone().serve(listener));

@@ -3,9 +3,13 @@
 //!
 //! It serves OIDC discovery, a JWKS with one P-256 key, and an RFC 8693 token endpoint that
 //! waits a fixed delay (standing in for a real IdP's work) before answering with a fresh
-//! opaque access token and `expires_in`. It also mints ES256 client tokens for the load
-//! generators (`GET /mint?n=N&tag=T`), and counts the token-endpoint calls (`GET /stats`) so
-//! that a benchmark can prove how many exchanges a run caused.
+//! ES256 access token for the backend and `expires_in`. It also mints ES256 client tokens for
+//! the load generators (`GET /mint?n=N&tag=T`), and counts the token-endpoint calls
+//! (`GET /stats`) so that a benchmark can prove how many exchanges a run caused.
+//!
+//! Both kinds of token are padded (a `pad` claim) to about `token_bytes` characters, so that
+//! hashing, header handling and cache memory are measured with tokens the size real IdPs
+//! issue, not with 300-byte toys.
 //!
 //! Not a general-purpose IdP: it checks only what is needed to make the proxy's requests
 //! honest (grant type, subject token present, client credentials present).
@@ -40,6 +44,13 @@ const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const MAX_FORM_BYTES: usize = 64 * 1024;
 /// Largest `n` of one `/mint` call.
 const MAX_MINT: usize = 1_000_000;
+/// Default token size: about what Keycloak issues with its default scopes (RS256); Auth0's
+/// are a little smaller, Entra ID's larger.
+pub const DEFAULT_TOKEN_BYTES: usize = 1000;
+/// `aud` of the tokens issued by the token endpoint.
+pub const BACKEND_AUDIENCE: &str = "bench-backend";
+/// Length of an ES256 signature in base64url (64 bytes).
+const ES256_SIGNATURE_CHARS: usize = 86;
 
 /// The fake IdP's state: its key, its issuer URL, its counters.
 pub struct FakeIdp {
@@ -47,6 +58,7 @@ pub struct FakeIdp {
     key: EcdsaKeyPair,
     rng: SystemRandom,
     delay: Duration,
+    token_bytes: usize,
     token_calls: AtomicU64,
     token_rejections: AtomicU64,
     jwks_calls: AtomicU64,
@@ -56,10 +68,12 @@ pub struct FakeIdp {
 
 impl FakeIdp {
     /// Binds `listen` (port 0 is fine) and builds the IdP whose issuer is the bound address.
-    /// The token endpoint waits `delay` before answering.
+    /// The token endpoint waits `delay` before answering; tokens are padded to about
+    /// `token_bytes` characters (0: no padding).
     pub async fn bind(
         listen: SocketAddr,
         delay: Duration,
+        token_bytes: usize,
     ) -> std::io::Result<(Arc<Self>, TcpListener)> {
         let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
@@ -70,6 +84,7 @@ impl FakeIdp {
             key,
             rng: SystemRandom::new(),
             delay,
+            token_bytes,
             token_calls: AtomicU64::new(0),
             token_rejections: AtomicU64::new(0),
             jwks_calls: AtomicU64::new(0),
@@ -146,21 +161,35 @@ impl FakeIdp {
     /// One ES256 client token for subject `user-{tag}-{i}`, valid for an hour from now.
     pub fn mint(&self, tag: &str, i: usize) -> String {
         let now = unix_now();
+        self.sign(serde_json::json!({
+            "iss": self.issuer,
+            "sub": format!("user-{tag}-{i}"),
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + TOKEN_LIFETIME_SECS,
+            "jti": format!("{tag}-{i}"),
+            "scope": "mcp:tools",
+        }))
+    }
+
+    /// A compact ES256 JWS of `claims`, with a `pad` claim added to reach about
+    /// `token_bytes` characters.
+    fn sign(&self, mut claims: serde_json::Value) -> String {
         let header = URL_SAFE_NO_PAD
             .encode(serde_json::json!({"alg": "ES256", "typ": "JWT", "kid": KID}).to_string());
-        let claims = URL_SAFE_NO_PAD.encode(
-            serde_json::json!({
-                "iss": self.issuer,
-                "sub": format!("user-{tag}-{i}"),
-                "aud": AUDIENCE,
-                "iat": now,
-                "exp": now + TOKEN_LIFETIME_SECS,
-                "jti": format!("{tag}-{i}"),
-                "scope": "mcp:tools",
-            })
-            .to_string(),
-        );
-        let signing_input = format!("{header}.{claims}");
+        let mut json = claims.to_string();
+        // header . base64url(claims) . signature: claims may take 3/4 of what is left.
+        let room = self
+            .token_bytes
+            .saturating_sub(header.len() + 2 + ES256_SIGNATURE_CHARS)
+            * 3
+            / 4;
+        let pad_overhead = r#","pad":"""#.len();
+        if room > json.len() + pad_overhead {
+            claims["pad"] = "x".repeat(room - json.len() - pad_overhead).into();
+            json = claims.to_string();
+        }
+        let signing_input = format!("{header}.{}", URL_SAFE_NO_PAD.encode(json));
         let signature = match self.key.sign(&self.rng, signing_input.as_bytes()) {
             Ok(s) => URL_SAFE_NO_PAD.encode(s.as_ref()),
             // Signing with a valid in-memory key does not fail; an empty signature would be
@@ -254,10 +283,21 @@ impl FakeIdp {
         }
         tokio::time::sleep(self.delay).await;
         let n = self.issued.fetch_add(1, Ordering::Relaxed);
+        let now = unix_now();
+        let access_token = self.sign(serde_json::json!({
+            "iss": self.issuer,
+            "sub": format!("exchanged-{n}"),
+            "aud": BACKEND_AUDIENCE,
+            "iat": now,
+            "exp": now + TOKEN_LIFETIME_SECS,
+            "jti": format!("x-{n}"),
+            "scope": "mcp:tools",
+            "act": {"sub": "txp-bench"},
+        }));
         json(
             StatusCode::OK,
             serde_json::json!({
-                "access_token": format!("backend-{n:016x}"),
+                "access_token": access_token,
                 "token_type": "Bearer",
                 "issued_token_type": ACCESS_TOKEN_TYPE,
                 "expires_in": TOKEN_LIFETIME_SECS,

@@ -68,8 +68,8 @@ impl Drop for AccessLog {
         self.metrics.request(self.status, elapsed);
         tracing::info!(
             target: "access",
-            method = %self.method,
-            path = %self.path,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
             status = self.status,
             duration_ms = elapsed.as_secs_f64() * 1e3,
             bytes = self.bytes,

@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Where the proxy's CPU goes on the cache-hit path, measured without noise: user-space
+# instructions per request (valgrind --tool=callgrind), for the bare forwarder, the proxy in
+# passthrough mode, in exchange mode (cache hit) and in exchange mode with the access log off,
+# plus the inclusive cost of the proxy's own steps. Instruction counts do not depend on what
+# else runs on the machine, so they compare builds reliably where requests/s cannot.
+#
+#   bash benches/profile.sh            # prints the table, writes benches/results/profile.md
+#
+# Caveats: kernel time (the socket system calls, about half of the CPU time on loopback) is
+# not counted; under valgrind, aws-lc cannot use the CPU's SHA extensions and falls back to
+# its AVX code, so SHA-256 is over-represented (compare with `cargo bench --bench hot_path`,
+# token_digest_sha256). Needs valgrind (`apt-get install valgrind`).
+#
+# Knobs: BENCH_PROFILE_REQUESTS (2000), BENCH_SKIP_BUILD=1, BENCH_KEEP=1 (keep the callgrind
+# files in the scratch directory for callgrind_annotate).
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+REQUESTS="${BENCH_PROFILE_REQUESTS:-2000}"
+HIT_TOKENS=500
+LOAD_CPU="${BENCH_LOAD_CPU:-0}"
+PROXY_CPU="${BENCH_PROXY_CPU:-1}"
+IDP_DELAY_MS=5 # used by lib.sh (start_cast)
+TOKEN_BYTES="${BENCH_TOKEN_BYTES:-1000}"
+RESULTS_DIR="${BENCH_RESULTS_DIR:-$repo/benches/results}"
+# shellcheck source=benches/lib.sh source-path=SCRIPTDIR/..
+source "$repo/benches/lib.sh"
+
+for t in valgrind callgrind_control callgrind_annotate taskset curl python3; do
+  command -v "$t" >/dev/null || die "$t not found (Debian: apt-get install valgrind)"
+done
+prepare_binaries
+start_cast
+rounds=$(((REQUESTS + HIT_TOKENS - 1) / HIT_TOKENS))
+for _ in $(seq 1 "$rounds"); do cat "$work/hit.txt"; done | head -n "$REQUESTS" >"$work/measured.txt"
+
+# profile NAME READY_URL URL CMD...: runs CMD under callgrind with instrumentation off, sends
+# every hit token once (warm-up), then counts REQUESTS requests.
+profile() {
+  local name="$1" ready="$2" url="$3" vpid
+  shift 3
+  TOKIO_WORKER_THREADS=1 START_OUT=/dev/null start "$name" "$PROXY_CPU" valgrind --tool=callgrind \
+    --instr-atstart=no --callgrind-out-file="$work/$name.callgrind" "$@"
+  vpid=$STARTED_PID
+  for _ in $(seq 1 300); do
+    case "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$ready" || true)" in
+      200 | 401 | 404) break ;;
+    esac
+    sleep 0.1
+  done
+  taskset -c "$LOAD_CPU" "$LOAD" once --url "$url" --tokens "$work/hit.txt" --concurrency 16 >/dev/null
+  callgrind_control -i on "$vpid" >/dev/null 2>&1
+  local out
+  out="$(taskset -c "$LOAD_CPU" "$LOAD" once --url "$url" --tokens "$work/measured.txt" --concurrency 16)"
+  callgrind_control -i off "$vpid" >/dev/null 2>&1
+  callgrind_control -d "$vpid" >/dev/null 2>&1
+  stop_pid "$vpid"
+  printf '%s' "$out" | python3 -c 'import json,sys; r=json.load(sys.stdin); sys.exit(0 if r["ok"] == r["sent"] else 1)' \
+    || die "$name: not every request succeeded: $out"
+  log "$name: profiled $REQUESTS requests"
+}
+
+port="$(free_port)"
+profile bare "http://127.0.0.1:$port/" "http://127.0.0.1:$port/mcp" \
+  "$bin/examples/bare_forwarder" --listen "127.0.0.1:$port" --upstream "$BACKEND"
+for spec in passthrough:passthrough: exchange_hit:exchange: exchange_hit_nolog:exchange:warn; do
+  IFS=: read -r name mode level <<<"$spec"
+  port="$(free_port)"
+  admin="$(free_port)"
+  proxy_config "$work/$name.yaml" "$mode" "$port" "$admin" "$level"
+  profile "$name" "http://127.0.0.1:$admin/readyz" "http://127.0.0.1:$port/mcp" \
+    "$PROXY" --config "$work/$name.yaml"
+done
+
+for name in bare passthrough exchange_hit exchange_hit_nolog; do
+  # The dump requested above is NAME.callgrind.1; NAME.callgrind is written at exit.
+  f="$work/$name.callgrind"
+  for g in "$work/$name.callgrind".*; do
+    [ -f "$g" ] && f="$g" && break
+  done
+  callgrind_annotate --inclusive=yes --threshold=100 "$f" >"$work/$name.annotate" 2>/dev/null
+done
+
+mkdir -p "$RESULTS_DIR"
+python3 - "$work" "$REQUESTS" "$RESULTS_DIR/profile.md" "$TOKEN_BYTES" <<'PY'
+import json, re, sys
+work, n, out_path, token_bytes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def load(name):
+    costs = {}
+    total = None
+    for line in open(f"{work}/{name}.annotate"):
+        m = re.match(r"\s*([\d,]+)\s+(?:\([^)]*\)\s+)?(.*)$", line)
+        if not m:
+            continue
+        ir = int(m.group(1).replace(",", ""))
+        what = m.group(2)
+        if "PROGRAM TOTALS" in what:
+            total = ir
+            continue
+        # Keep the largest inclusive figure per function name (callgrind lists a function once
+        # per file it was inlined from).
+        fn = re.sub(r"\s*\[[^\]]*\]\s*$", "", what)
+        fn = fn.split(":", 1)[1] if ":" in fn else fn
+        costs[fn] = max(costs.get(fn, 0), ir)
+    return total or 0, costs
+
+def find(costs, pattern):
+    return max((v for k, v in costs.items() if pattern in k), default=0)
+
+rows = []
+totals = {}
+for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog"]:
+    total, costs = load(name)
+    totals[name] = (total, costs)
+
+steps = [
+    ("access log line (`AccessLog::drop`: tracing JSON + write)", "AccessLog as core::ops::drop::Drop>::drop"),
+    ("`inbound::Validator::validate` (cached decision)", "inbound::Validator::validate::{{closure}}"),
+    ("`exchange::Exchanger::exchange` (cache hit)", "exchange::Exchanger::exchange::{{closure}}"),
+    ("  of which `exchange::cache::KeyDeriver::key`", "exchange::cache::KeyDeriver::key"),
+    ("SHA-256 (both digests; AVX code under valgrind)", "sha256_block_data_order"),
+    ("moka `get` (both caches)", "base_cache::BaseCache<K,V,S>::get_with_hash::{{closure}}"),
+    ("`inbound::jwt::is_b64token`", "inbound::jwt::is_b64token"),
+    ("`proxy::bearer_token`", "proxy::bearer_token"),
+    ("`proxy::headers::prepare_request`", "proxy::headers::prepare_request"),
+    ("hyper-util legacy client (upstream request)", "Client<C,B>::send_request::{{closure}}"),
+]
+lines = []
+w = lines.append
+w("# Instructions per request (callgrind), cache-hit path")
+w("")
+w(f"User-space instructions per request (valgrind callgrind) over {n} requests after a warm-up, "
+  f"tokens of about {token_bytes} bytes; kernel time not included. Reproducible to within a few "
+  "hundred instructions whatever else runs on the machine (`bash benches/profile.sh`).")
+w("")
+w("| server | instructions/request | vs bare forwarder |")
+w("|---|---:|---:|")
+bare_total = totals["bare"][0]
+for name, label in [("bare", "bare forwarder"), ("passthrough", "proxy, passthrough"),
+                    ("exchange_hit", "proxy, exchange, cache hit"),
+                    ("exchange_hit_nolog", "proxy, exchange, cache hit, access log off")]:
+    t = totals[name][0]
+    w(f"| {label} | {t / n:,.0f} | {t / bare_total:.2f}× |")
+w("")
+w("Inclusive cost of the proxy's steps (exchange, cache hit):")
+w("")
+w("| step | instructions/request | share |")
+w("|---|---:|---:|")
+total, costs = totals["exchange_hit"]
+step_costs = {}
+for label, pattern in steps:
+    v = find(costs, pattern)
+    step_costs[label.strip()] = round(v / n)
+    w(f"| {label} | {v / n:,.0f} | {100 * v / total:.1f}% |")
+w("")
+w("Under valgrind aws-lc cannot use the CPU's SHA extensions, so the SHA-256 row is several times "
+  "its native cost; `cargo bench --bench hot_path` (token_digest_sha256) gives the native figure.")
+md = "\n".join(lines) + "\n"
+open(out_path, "w").write(md)
+json_path = re.sub(r"\.md$", ".json", out_path)
+with open(json_path, "w") as f:
+    json.dump({
+        "requests": n,
+        "token_bytes": int(token_bytes),
+        "instructions_per_request": {k: round(v[0] / n) for k, v in totals.items()},
+        "exchange_hit_steps": step_costs,
+    }, f, indent=2)
+    f.write("\n")
+sys.stdout.write(md)
+PY
