@@ -66,19 +66,19 @@ impl Drop for AccessLog {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         self.metrics.request(self.status, elapsed);
-        tracing::info!(
-            target: "access",
-            method = self.method.as_str(),
-            path = self.path.as_str(),
-            status = self.status,
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            bytes = self.bytes,
-            outcome = self.outcome,
-            cache = self.cache.unwrap_or("-"),
-            sub = self.sub.as_deref().unwrap_or("-"),
-            body = self.body,
-            "request"
-        );
+        if tracing::enabled!(target: "access", tracing::Level::INFO) {
+            crate::logging::access(&crate::logging::AccessRecord {
+                method: self.method.as_str(),
+                path: &self.path,
+                status: self.status,
+                duration_ms: elapsed.as_secs_f64() * 1e3,
+                bytes: self.bytes,
+                outcome: self.outcome,
+                cache: self.cache.unwrap_or("-"),
+                sub: self.sub.as_deref().unwrap_or("-"),
+                body: self.body,
+            });
+        }
     }
 }
 

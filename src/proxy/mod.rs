@@ -206,7 +206,10 @@ pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str,
             Err(Denial::MissingToken)
         };
     }
-    let token = value.to_str().map_err(|_| Denial::MalformedToken)?[7..].trim_matches(' ');
+    // `from_utf8` has a fast path for ASCII; the alphabet check below does the real work.
+    let token = std::str::from_utf8(&bytes[7..])
+        .map_err(|_| Denial::MalformedToken)?
+        .trim_matches(' ');
     if token.len() > max_bytes {
         return Err(Denial::TokenTooLarge);
     }
