@@ -118,7 +118,7 @@ for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog"]:
     totals[name] = (total, costs)
 
 steps = [
-    ("access log line (`AccessLog::drop`: tracing JSON + write)", "AccessLog as core::ops::drop::Drop>::drop"),
+    ("access log line (`AccessLog::drop`: format + buffer)", "AccessLog as core::ops::drop::Drop>::drop"),
     ("`inbound::Validator::validate` (cached decision)", "inbound::Validator::validate::{{closure}}"),
     ("`exchange::Exchanger::exchange` (cache hit)", "exchange::Exchanger::exchange::{{closure}}"),
     ("  of which `exchange::cache::KeyDeriver::key`", "exchange::cache::KeyDeriver::key"),
