@@ -57,6 +57,18 @@ fn setup_with(exchange: &str, cache: &str, options: ExchangerOptions) -> Setup {
     }
 }
 
+/// An exchanger at `idp` authenticating as `client_id` with `client_auth` (a YAML flow map).
+fn auth_setup(idp: &TokenEndpoint, client_id: &str, client_auth: &str) -> Setup {
+    setup_with(
+        &format!(
+            "{{token_endpoint: '{}', client_id: '{client_id}', client_auth: {client_auth}}}",
+            idp.url()
+        ),
+        "{}",
+        ExchangerOptions::default(),
+    )
+}
+
 /// A public client `txp` at `idp`, audience `backend`, scope `notes.read`.
 fn setup(idp: &TokenEndpoint) -> Setup {
     setup_with(&basic_exchange(idp, ""), "{}", ExchangerOptions::default())
@@ -395,14 +407,13 @@ async fn client_secret_basic_is_form_encoded_and_verified() {
         secret: secret.into(),
     })
     .await;
-    let s = setup_with(
+    let s = auth_setup(
+        &idp,
+        id,
         &format!(
-            "{{token_endpoint: '{}', client_id: '{id}', client_auth: {{method: client_secret_basic, secret_file: '{}'}}}}",
-            idp.url(),
+            "{{method: client_secret_basic, secret_file: '{}'}}",
             secret_file.display()
         ),
-        "{}",
-        ExchangerOptions::default(),
     );
     s.exchanger
         .exchange("t1", None)
@@ -447,14 +458,13 @@ async fn client_secret_post_is_verified() {
         secret: "s3cr3t".into(),
     })
     .await;
-    let s = setup_with(
+    let s = auth_setup(
+        &idp,
+        "txp",
         &format!(
-            "{{token_endpoint: '{}', client_id: txp, client_auth: {{method: client_secret_post, secret_file: '{}'}}}}",
-            idp.url(),
+            "{{method: client_secret_post, secret_file: '{}'}}",
             secret_file.display()
         ),
-        "{}",
-        ExchangerOptions::default(),
     );
     s.exchanger
         .exchange("t", None)
@@ -509,14 +519,13 @@ async fn private_key_jwt_assertions_verify_against_the_public_key() {
         alg: Algorithm::ES256,
     })
     .await;
-    let s = setup_with(
+    let s = auth_setup(
+        &idp,
+        "txp",
         &format!(
-            "{{token_endpoint: '{}', client_id: txp, client_auth: {{method: private_key_jwt, private_key_file: '{}', key_id: k1}}}}",
-            idp.url(),
+            "{{method: private_key_jwt, private_key_file: '{}', key_id: k1}}",
             key_file.display()
         ),
-        "{}",
-        ExchangerOptions::default(),
     );
     // Two exchanges: the IdP refuses a replayed jti, so each assertion must be fresh.
     s.exchanger
@@ -568,14 +577,13 @@ async fn private_key_jwt_with_rsa_is_rs256() {
         alg: Algorithm::RS256,
     })
     .await;
-    let s = setup_with(
+    let s = auth_setup(
+        &idp,
+        "txp",
         &format!(
-            "{{token_endpoint: '{}', client_id: txp, client_auth: {{method: private_key_jwt, private_key_file: '{}'}}}}",
-            idp.url(),
+            "{{method: private_key_jwt, private_key_file: '{}'}}",
             key_file.display()
         ),
-        "{}",
-        ExchangerOptions::default(),
     );
     s.exchanger
         .exchange("t", None)
@@ -593,14 +601,13 @@ async fn the_client_assertion_file_is_read_again_after_it_changes() {
         path: file.clone(),
     })
     .await;
-    let s = setup_with(
+    let s = auth_setup(
+        &idp,
+        "txp",
         &format!(
-            "{{token_endpoint: '{}', client_id: txp, client_auth: {{method: client_assertion_file, assertion_file: '{}'}}}}",
-            idp.url(),
+            "{{method: client_assertion_file, assertion_file: '{}'}}",
             file.display()
         ),
-        "{}",
-        ExchangerOptions::default(),
     );
     s.exchanger
         .exchange("t1", None)
