@@ -22,13 +22,13 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::runtime::Runtime;
 
-use token_exchange_proxy::config;
 use token_exchange_proxy::exchange::Exchanger;
 use token_exchange_proxy::idp::IdpClient;
 use token_exchange_proxy::inbound::{self, Validator};
 use token_exchange_proxy::metrics::Metrics;
-use token_exchange_proxy::proxy::{self, AccessLog, headers};
+use token_exchange_proxy::proxy::{self, headers};
 use token_exchange_proxy::readiness::Readiness;
+use token_exchange_proxy::{config, logging};
 
 #[allow(dead_code)]
 #[path = "support/fake_idp.rs"]
@@ -43,7 +43,6 @@ struct Fixture {
     idp: Arc<fake_idp::FakeIdp>,
     validator: Arc<Validator>,
     exchanger: Arc<Exchanger>,
-    metrics: Arc<Metrics>,
     max_token_bytes: usize,
     upstream_host: HeaderValue,
     _dir: tempfile::TempDir,
@@ -123,7 +122,6 @@ impl Fixture {
             idp,
             validator,
             exchanger,
-            metrics,
             max_token_bytes: cfg.inbound.max_token_bytes,
             upstream_host: HeaderValue::from_static("127.0.0.1:9"),
             _dir: dir,
@@ -163,13 +161,19 @@ fn benches(c: &mut Criterion) {
     let token = f.idp.mint("hot", 0);
     let headers_in = Fixture::request_headers(&token);
 
-    // Warm both caches with the token used by the cache-hit cases.
+    // Warm the caches with the token used by the cache-hit cases, as the request path does.
+    let key = f.exchanger.key(&token);
     let principal =
         f.rt.block_on(f.validator.validate(&token))
             .expect("the minted token validates");
-    f.rt.block_on(f.exchanger.exchange(&token, principal.expires_at))
+    f.rt.block_on(f.exchanger.exchange_keyed(&token, &key, &principal))
         .expect("the fake IdP exchanges the token");
     assert_eq!(f.idp.token_calls(), 1, "one exchange while warming");
+    let epoch = f.validator.key_epoch();
+    assert!(
+        f.rt.block_on(f.exchanger.cached(&key, epoch)).is_some(),
+        "the exchange is served from the cache"
+    );
 
     c.bench_function("block_on_ready", |b| {
         b.iter(|| f.rt.block_on(std::future::ready(std::hint::black_box(1u8))))
@@ -183,6 +187,10 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("token_digest_sha256", |b| {
         b.iter(|| inbound::cache::digest(std::hint::black_box(&token)))
+    });
+
+    c.bench_function("exchange/cache_key", |b| {
+        b.iter(|| f.exchanger.key(std::hint::black_box(&token)))
     });
 
     c.bench_function("validate/cached", |b| {
@@ -205,15 +213,12 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("exchange/cache_hit", |b| {
         b.iter(|| {
-            f.rt.block_on(
-                f.exchanger
-                    .exchange(std::hint::black_box(&token), principal.expires_at),
-            )
+            f.rt.block_on(f.exchanger.cached(std::hint::black_box(&key), epoch))
         })
     });
 
     let authorization = HeaderValue::from_static("Bearer backend-0000000000000000");
-    let client_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client_ip = proxy::ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
     c.bench_function("prepare_request", |b| {
         b.iter_batched(
             || headers_in.clone(),
@@ -222,7 +227,7 @@ fn benches(c: &mut Criterion) {
                 headers::prepare_request(
                     &mut h,
                     Some(authorization.clone()),
-                    client_ip,
+                    &client_ip,
                     original,
                     "http",
                     &f.upstream_host,
@@ -234,43 +239,49 @@ fn benches(c: &mut Criterion) {
         )
     });
 
-    // The access-log line as the proxy writes it (JSON), to a sink instead of stdout.
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(false)
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .with_writer(std::io::sink)
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
-        c.bench_function("access_log/json_line", |b| {
-            b.iter(|| {
-                let mut log = AccessLog::new(f.metrics.clone(), http::Method::GET, "/mcp");
-                log.status = 200;
-                log.cache = Some("hit");
-                log.sub = Some("user-hot-0".to_owned());
-                log.bytes = 64;
-                log.body = "complete";
-                drop(log);
-            })
-        });
+    // The access-log line as the proxy formats it (JSON), into a buffer instead of stdout.
+    let record = logging::AccessRecord {
+        method: "POST",
+        path: "/mcp",
+        status: 200,
+        duration: Duration::from_micros(380),
+        bytes: 64,
+        outcome: "forwarded",
+        cache: "hit",
+        sub: "user-hot-0",
+        body: "complete",
+    };
+    let mut line = Vec::with_capacity(512);
+    c.bench_function("access_log/json_line", |b| {
+        b.iter(|| {
+            line.clear();
+            let ts = logging::Timestamp::now();
+            logging::format_access(
+                config::LogFormat::Json,
+                &ts,
+                std::hint::black_box(&record),
+                &mut line,
+            );
+            line.len()
+        })
     });
 
     // Everything the proxy does for a cache hit except I/O and the access log: extract,
-    // validate (cached), exchange (cached), rewrite the headers.
+    // digest, one lookup of the exchanged token (which carries the acceptance), rewrite the
+    // headers.
     c.bench_function("request_path/cache_hit_no_io", |b| {
         b.iter_batched(
             || headers_in.clone(),
             |mut h| {
                 f.rt.block_on(async {
                     let token = proxy::bearer_token(&h, f.max_token_bytes).ok()?;
-                    let p = f.validator.validate(token).await.ok()?;
-                    let x = f.exchanger.exchange(token, p.expires_at).await.ok()?;
+                    let key = f.exchanger.key(token);
+                    let x = f.exchanger.cached(&key, f.validator.key_epoch()).await?;
                     let original = h.get(header::HOST).cloned();
                     headers::prepare_request(
                         &mut h,
                         Some(x.authorization),
-                        client_ip,
+                        &client_ip,
                         original,
                         "http",
                         &f.upstream_host,

@@ -94,7 +94,8 @@ pub struct AccessRecord<'a> {
     /// Without the query string.
     pub path: &'a str,
     pub status: u16,
-    pub duration_ms: f64,
+    /// Written in milliseconds with three decimals (microsecond resolution).
+    pub duration: Duration,
     pub bytes: u64,
     pub outcome: &'a str,
     pub cache: &'a str,
@@ -102,68 +103,131 @@ pub struct AccessRecord<'a> {
     pub body: &'a str,
 }
 
-/// Writes one access line in the configured format (nothing before [`init`]).
+/// Writes the access line for `r`: to stdout (batched) in the format chosen at [`init`],
+/// or nowhere before [`init`].
 pub fn access(r: &AccessRecord<'_>) {
     let Some(format) = FORMAT.get() else { return };
-    let mut line = Vec::with_capacity(320);
     let ts = Timestamp::now();
+    let mut buf = pending().lock().unwrap_or_else(PoisonError::into_inner);
+    format_access(*format, &ts, r, &mut buf);
+    if buf.len() >= FLUSH_BYTES {
+        write_out(&mut buf);
+    }
+}
+
+/// Appends the access line for `r`, stamped `ts`, to `line`. Numbers are written by hand:
+/// this runs once per request, and `fmt` machinery costs several times more.
+pub fn format_access(format: LogFormat, ts: &Timestamp, r: &AccessRecord<'_>, line: &mut Vec<u8>) {
     match format {
         LogFormat::Json => {
             line.extend_from_slice(b"{\"timestamp\":\"");
-            ts.write(&mut line);
+            ts.write(line);
             line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
-            json_str(&mut line, r.method);
+            json_str(line, r.method);
             line.extend_from_slice(b",\"path\":");
-            json_str(&mut line, r.path);
-            let _ = write!(
-                line,
-                ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":",
-                r.status, r.duration_ms, r.bytes
-            );
-            json_str(&mut line, r.outcome);
+            json_str(line, r.path);
+            line.extend_from_slice(b",\"status\":");
+            push_uint(line, u64::from(r.status));
+            line.extend_from_slice(b",\"duration_ms\":");
+            push_millis(line, r.duration);
+            line.extend_from_slice(b",\"bytes\":");
+            push_uint(line, r.bytes);
+            line.extend_from_slice(b",\"outcome\":");
+            json_str(line, r.outcome);
             line.extend_from_slice(b",\"cache\":");
-            json_str(&mut line, r.cache);
+            json_str(line, r.cache);
             line.extend_from_slice(b",\"sub\":");
-            json_str(&mut line, r.sub);
+            json_str(line, r.sub);
             line.extend_from_slice(b",\"body\":");
-            json_str(&mut line, r.body);
+            json_str(line, r.body);
             line.extend_from_slice(b",\"target\":\"access\"}\n");
         }
         LogFormat::Text => {
-            ts.write(&mut line);
+            ts.write(line);
+            line.extend_from_slice(b"  INFO access: request method=");
+            line.extend_from_slice(r.method.as_bytes());
+            line.extend_from_slice(b" path=");
+            line.extend_from_slice(r.path.as_bytes());
+            line.extend_from_slice(b" status=");
+            push_uint(line, u64::from(r.status));
+            line.extend_from_slice(b" duration_ms=");
+            push_millis(line, r.duration);
+            line.extend_from_slice(b" bytes=");
+            push_uint(line, r.bytes);
+            line.extend_from_slice(b" outcome=");
+            line.extend_from_slice(r.outcome.as_bytes());
+            line.extend_from_slice(b" cache=");
+            line.extend_from_slice(r.cache.as_bytes());
             // `sub` comes from a token: debug-quoted so that it cannot forge a line break.
-            let _ = writeln!(
-                line,
-                "  INFO access: request method={} path={} status={} duration_ms={:.3} bytes={} outcome={} cache={} sub={:?} body={}",
-                r.method,
-                r.path,
-                r.status,
-                r.duration_ms,
-                r.bytes,
-                r.outcome,
-                r.cache,
-                r.sub,
-                r.body
-            );
+            let _ = write!(line, " sub={:?} body=", r.sub);
+            line.extend_from_slice(r.body.as_bytes());
+            line.push(b'\n');
         }
     }
-    let _ = BatchWriter.write_all(&line);
 }
 
 /// A JSON string literal.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    // Serialising a `&str` into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, s);
+    // Most values (methods, outcomes, paths, subjects) need no escaping: copied as they are.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Serialising a `&str` into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
+}
+
+/// `n` in decimal.
+fn push_uint(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// `n` in decimal, zero-padded to `width` digits.
+fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    let mut rest = n;
+    while len < width || rest > 0 {
+        digits[len] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        len += 1;
+        if len == digits.len() {
+            break;
+        }
+    }
+    out.extend(digits[..len].iter().rev());
+}
+
+/// `d` in milliseconds with three decimals, rounded to the nearest microsecond.
+fn push_millis(out: &mut Vec<u8>, d: Duration) {
+    let micros = u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX);
+    push_uint(out, micros / 1000);
+    out.push(b'.');
+    push_padded(out, micros % 1000, 3);
 }
 
 /// A UTC time as RFC 3339 with microseconds, e.g. `2026-11-27T08:17:00.123456Z`.
-struct Timestamp {
+#[derive(Debug, Clone, Copy)]
+pub struct Timestamp {
     secs: u64,
     micros: u32,
 }
 
 impl Timestamp {
-    fn now() -> Self {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -177,14 +241,20 @@ impl Timestamp {
         let days = self.secs / 86_400;
         let rem = self.secs % 86_400;
         let (y, m, d) = civil_from_days(days);
-        let _ = write!(
-            out,
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:06}Z",
-            rem / 3600,
-            rem % 3600 / 60,
-            rem % 60,
-            self.micros
-        );
+        push_padded(out, y, 4);
+        out.push(b'-');
+        push_padded(out, m, 2);
+        out.push(b'-');
+        push_padded(out, d, 2);
+        out.push(b'T');
+        push_padded(out, rem / 3600, 2);
+        out.push(b':');
+        push_padded(out, rem % 3600 / 60, 2);
+        out.push(b':');
+        push_padded(out, rem % 60, 2);
+        out.push(b'.');
+        push_padded(out, u64::from(self.micros), 6);
+        out.push(b'Z');
     }
 }
 
@@ -254,10 +324,93 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
+    fn numbers_are_written_as_fmt_would() {
+        for n in [0u64, 7, 10, 999, 1000, 65_535, u64::MAX] {
+            let mut out = Vec::new();
+            push_uint(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+            for width in [1, 3, 6] {
+                let mut out = Vec::new();
+                push_padded(&mut out, n, width);
+                assert_eq!(out, format!("{n:0width$}").as_bytes());
+            }
+        }
+        for (nanos, text) in [
+            (0u64, "0.000"),
+            (499, "0.000"),
+            (500, "0.001"),
+            (1_234_567, "1.235"),
+            (12_000_000_000, "12000.000"),
+        ] {
+            let mut out = Vec::new();
+            push_millis(&mut out, Duration::from_nanos(nanos));
+            assert_eq!(String::from_utf8(out).expect("utf8"), text, "{nanos} ns");
+        }
+    }
+
+    fn record() -> AccessRecord<'static> {
+        AccessRecord {
+            method: "POST",
+            path: "/mcp",
+            status: 200,
+            duration: Duration::from_micros(1_500),
+            bytes: 42,
+            outcome: "forwarded",
+            cache: "hit",
+            sub: "alice\nINFO forged",
+            body: "complete",
+        }
+    }
+
+    #[test]
+    fn json_access_lines_are_json_with_every_field() {
+        let ts = Timestamp {
+            secs: 1_795_737_600,
+            micros: 5,
+        };
         let mut out = Vec::new();
-        json_str(&mut out, "a\"b\nc");
-        assert_eq!(out, br#""a\"b\nc""#);
+        format_access(LogFormat::Json, &ts, &record(), &mut out);
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["timestamp"], "2026-11-27T00:00:00.000005Z");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["bytes"], 42);
+        assert_eq!(v["sub"], "alice\nINFO forged");
+        assert_eq!(v["cache"], "hit");
+        assert_eq!(v["target"], "access");
+    }
+
+    #[test]
+    fn text_access_lines_stay_on_one_line() {
+        let ts = Timestamp {
+            secs: 1_795_737_600,
+            micros: 5,
+        };
+        let mut out = Vec::new();
+        format_access(LogFormat::Text, &ts, &record(), &mut out);
+        let text = String::from_utf8(out).expect("utf8");
+        assert_eq!(
+            text,
+            "2026-11-27T00:00:00.000005Z  INFO access: request method=POST path=/mcp status=200 duration_ms=1.500 bytes=42 outcome=forwarded cache=hit sub=\"alice\\nINFO forged\" body=complete\n"
+        );
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        for s in [
+            "a\"b\nc",
+            "plain",
+            "/mcp/ünï",
+            "tab\there",
+            "back\\slash",
+            "\u{7f}",
+            "",
+        ] {
+            let mut out = Vec::new();
+            json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).expect("json"), "{s:?}");
+        }
     }
 
     #[test]

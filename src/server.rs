@@ -24,7 +24,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Config, Mode};
 use crate::exchange::Exchanger;
 use crate::idp::{IdpClient, IdpError};
-use crate::inbound::Validator;
+use crate::inbound::{self, Validator};
 use crate::metrics::Metrics;
 use crate::proxy::{self, AppState};
 use crate::readiness::Readiness;
@@ -98,11 +98,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let readiness = Arc::new(Readiness::default());
     let idp = IdpClient::new(&config.idp_tls)?;
 
-    let validator = Arc::new(Validator::new(
+    let timing = inbound::Timing {
+        // In exchange mode the exchanged-token cache entry carries the acceptance.
+        remember_accepted: config.mode != Mode::Exchange,
+        ..inbound::Timing::default()
+    };
+    let validator = Arc::new(Validator::with_timing(
         &config.inbound,
         idp.clone(),
         metrics.clone(),
         readiness.clone(),
+        timing,
     ));
     validator.start();
     let exchanger = match (&config.mode, &config.exchange) {
@@ -206,6 +212,7 @@ async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
+                let client = proxy::ClientIp::new(remote.ip());
                 let svc = ServiceBuilder::new()
                     .layer(SetSensitiveRequestHeadersLayer::new([
                         header::AUTHORIZATION,
@@ -213,8 +220,8 @@ async fn serve(
                         header::COOKIE,
                     ]))
                     .service(tower::service_fn(move |req: http::Request<Incoming>| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(proxy::handle(state, req, remote).await) }
+                        let (state, client) = (state.clone(), client.clone());
+                        async move { Ok::<_, Infallible>(proxy::handle(state, req, client).await) }
                     }));
                 let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
                 let conn = graceful.watch(conn.into_owned());

@@ -2,10 +2,12 @@
 //!
 //! **Key.** A SHA-256 digest over length-prefixed fields: a domain tag, every parameter of
 //! the exchange (issuer, configured token endpoint, client id, token types, audiences,
-//! resources, scope, extra parameters), then the subject token. The parameter part is absorbed
-//! once into a [`KeyDeriver`]; a lookup clones that digest state and adds only the subject
-//! token. Every field is prefixed with its length and every list with its count, so no two
-//! different inputs encode to the same bytes (`["ab"]` and `["a", "b"]` differ).
+//! resources, scope, extra parameters), then the subject token. The parameter part is encoded
+//! once into a [`KeyDeriver`]; a lookup appends the subject token and hashes the whole in one
+//! call (one pass over the token, no digest state to copy). Every field is prefixed with its
+//! length and every list with its count, so no two different inputs encode to the same bytes
+//! (`["ab"]` and `["a", "b"]` differ). Inside the cache the key is hashed by [`KeyHasher`]:
+//! it is already a digest, so a seeded fold of its bytes is enough.
 //!
 //! **Lifetime.** An entry lives until the earliest of the IdP's `expires_in` (or the issued
 //! token's `exp`), the subject token's `exp` and `cache.max_ttl`; it is served only until
@@ -16,6 +18,7 @@
 //! [`tokio::time::Instant`], checked on every read, so that what is served follows the tokio
 //! clock (which tests pause and advance).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
@@ -23,17 +26,18 @@ use http::HeaderValue;
 use tokio::time::Instant;
 
 use crate::config::Exchange;
+use crate::inbound::Principal;
 
 /// A cache key: the SHA-256 digest of the exchange parameters and the subject token.
-pub(crate) type CacheKey = [u8; 32];
+pub type CacheKey = [u8; 32];
 
 /// Separates this digest from any other SHA-256 use; bump the version if the layout changes.
 const KEY_DOMAIN: &[u8] = b"token-exchange-proxy/exchange-cache/v1";
 
-/// Digest state that has absorbed every exchange parameter; cloned for each lookup.
+/// The encoded exchange parameters, to which each lookup appends its subject token.
 #[derive(Clone)]
 pub(crate) struct KeyDeriver {
-    prefix: digest::Context,
+    prefix: Vec<u8>,
 }
 
 impl std::fmt::Debug for KeyDeriver {
@@ -42,80 +46,166 @@ impl std::fmt::Debug for KeyDeriver {
     }
 }
 
+thread_local! {
+    /// Scratch space for prefix + subject, reused so that a lookup does not allocate.
+    static KEY_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl KeyDeriver {
-    /// Absorbs every parameter of `config` that goes into the token request.
+    /// Encodes every parameter of `config` that goes into the token request.
     pub(crate) fn new(config: &Exchange) -> Self {
-        let mut ctx = digest::Context::new(&digest::SHA256);
-        field(&mut ctx, KEY_DOMAIN);
-        field(&mut ctx, config.issuer.as_bytes());
+        let mut out = Vec::new();
+        field(&mut out, KEY_DOMAIN);
+        field(&mut out, config.issuer.as_bytes());
         optional(
-            &mut ctx,
+            &mut out,
             config
                 .token_endpoint
                 .as_ref()
                 .map(|u| u.as_str().as_bytes()),
         );
-        field(&mut ctx, config.client_id.as_bytes());
-        field(&mut ctx, config.subject_token_type.as_bytes());
-        field(&mut ctx, config.requested_token_type.as_bytes());
+        field(&mut out, config.client_id.as_bytes());
+        field(&mut out, config.subject_token_type.as_bytes());
+        field(&mut out, config.requested_token_type.as_bytes());
         list(
-            &mut ctx,
+            &mut out,
             config.audience.iter().map(String::as_bytes),
             config.audience.len(),
         );
         list(
-            &mut ctx,
+            &mut out,
             config.resource.iter().map(String::as_bytes),
             config.resource.len(),
         );
-        optional(&mut ctx, config.scope.as_deref().map(str::as_bytes));
-        count(&mut ctx, config.extra_params.len());
+        optional(&mut out, config.scope.as_deref().map(str::as_bytes));
+        count(&mut out, config.extra_params.len());
         for (k, v) in &config.extra_params {
-            field(&mut ctx, k.as_bytes());
-            field(&mut ctx, v.as_bytes());
+            field(&mut out, k.as_bytes());
+            field(&mut out, v.as_bytes());
         }
-        Self { prefix: ctx }
+        Self { prefix: out }
     }
 
-    /// The key for a subject token under these parameters, from the token's SHA-256 digest
-    /// (which the validator has already computed): the subject enters the key as its digest,
-    /// so a lookup hashes 32 bytes instead of the whole token.
-    pub(crate) fn key(&self, subject_digest: &[u8; 32]) -> CacheKey {
-        let mut ctx = self.prefix.clone();
-        field(&mut ctx, subject_digest);
-        let mut key = [0u8; 32];
-        key.copy_from_slice(ctx.finish().as_ref());
-        key
+    /// The key for a subject token under these parameters.
+    pub(crate) fn key(&self, subject: &[u8]) -> CacheKey {
+        let hash = |input: &[u8]| {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(digest::digest(&digest::SHA256, input).as_ref());
+            key
+        };
+        KEY_INPUT.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut input) => {
+                input.clear();
+                input.extend_from_slice(&self.prefix);
+                field(&mut input, subject);
+                hash(&input)
+            }
+            // Not reentrant in practice; never panic if it ever were.
+            Err(_) => {
+                let mut input = self.prefix.clone();
+                field(&mut input, subject);
+                hash(&input)
+            }
+        })
     }
 }
 
-fn count(ctx: &mut digest::Context, n: usize) {
-    ctx.update(&(n as u64).to_be_bytes());
+fn count(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u64).to_be_bytes());
 }
 
-fn field(ctx: &mut digest::Context, bytes: &[u8]) {
-    count(ctx, bytes.len());
-    ctx.update(bytes);
+fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    count(out, bytes.len());
+    out.extend_from_slice(bytes);
 }
 
-fn optional(ctx: &mut digest::Context, bytes: Option<&[u8]>) {
+fn optional(out: &mut Vec<u8>, bytes: Option<&[u8]>) {
     match bytes {
-        None => ctx.update(&[0]),
+        None => out.push(0),
         Some(b) => {
-            ctx.update(&[1]);
-            field(ctx, b);
+            out.push(1);
+            field(out, b);
         }
     }
 }
 
-fn list<'a>(ctx: &mut digest::Context, items: impl Iterator<Item = &'a [u8]>, n: usize) {
-    count(ctx, n);
+fn list<'a>(out: &mut Vec<u8>, items: impl Iterator<Item = &'a [u8]>, n: usize) {
+    count(out, n);
     for item in items {
-        field(ctx, item);
+        field(out, item);
     }
 }
 
-/// A cached exchange result.
+/// Hashes cache keys inside the cache. A key is a SHA-256 digest, uniformly distributed
+/// already; folding its bytes with a per-process random seed costs a few instructions where
+/// SipHash costs hundreds, and the seed keeps bucket positions unpredictable.
+#[derive(Clone, Debug)]
+pub(crate) struct KeyHasherBuilder {
+    seed: u64,
+}
+
+impl KeyHasherBuilder {
+    /// A builder with a fresh random seed.
+    pub(crate) fn new() -> Self {
+        let mut seed = [0u8; 8];
+        // With no randomness the seed stays fixed: still correct, merely predictable.
+        let _ = aws_lc_rs::rand::fill(&mut seed);
+        Self {
+            seed: u64::from_le_bytes(seed),
+        }
+    }
+}
+
+impl std::hash::BuildHasher for KeyHasherBuilder {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher { state: self.seed }
+    }
+}
+
+/// See [`KeyHasherBuilder`].
+#[derive(Debug)]
+pub(crate) struct KeyHasher {
+    state: u64,
+}
+
+/// An odd constant with well-mixed bits (from the golden ratio).
+const FOLD: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl KeyHasher {
+    fn mix(&mut self, word: u64) {
+        let m = u128::from(self.state ^ word) * u128::from(FOLD);
+        self.state = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.mix(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.mix(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.mix(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.state
+    }
+}
+
+/// A cached exchange result, with the validation of the subject token it rests on.
 #[derive(Clone, Debug)]
 pub(crate) struct CachedToken {
     /// `Bearer <token>`, marked sensitive.
@@ -124,21 +214,55 @@ pub(crate) struct CachedToken {
     pub(crate) serve_until: Instant,
     /// `serve_until - insertion time`: what moka is told, by its own clock.
     pub(crate) ttl: Duration,
+    /// The subject token's `sub`, for the access log of requests served from this entry.
+    pub(crate) sub: Option<Arc<str>>,
+    /// The subject token's acceptance ([`Principal::trusted_until`]): while it holds, a
+    /// request with the same token is served without validating the token again.
+    pub(crate) trusted_until: Option<Instant>,
+    /// [`Principal::key_epoch`] of that acceptance.
+    pub(crate) key_epoch: u64,
 }
 
 impl CachedToken {
-    /// An entry usable for `window` from `now` (zero: for the current request only).
+    /// An entry usable for `window` from `now` (zero: for the current request only), resting
+    /// on no validation yet (see [`CachedToken::resting_on`]).
     pub(crate) fn new(authorization: HeaderValue, window: Duration, now: Instant) -> Self {
         Self {
             authorization,
             serve_until: now + window,
             ttl: window,
+            sub: None,
+            trusted_until: None,
+            key_epoch: 0,
+        }
+    }
+
+    /// The entry resting on `principal`'s acceptance (its `sub`, trust and key epoch).
+    pub(crate) fn resting_on(self, principal: &Principal) -> Self {
+        Self {
+            sub: principal.sub.clone(),
+            trusted_until: principal.trusted_until,
+            key_epoch: principal.key_epoch,
+            ..self
+        }
+    }
+
+    /// The same entry resting on a newer acceptance, told to moka with the time it has left.
+    pub(crate) fn retrusted(&self, principal: &Principal, now: Instant) -> Self {
+        Self {
+            ttl: self.serve_until.saturating_duration_since(now),
+            ..self.clone().resting_on(principal)
         }
     }
 
     /// Whether the entry may still be served at `now`.
     pub(crate) fn is_servable(&self, now: Instant) -> bool {
         now < self.serve_until
+    }
+
+    /// Whether the acceptance it rests on still holds at `now` in key epoch `epoch`.
+    pub(crate) fn is_trusted(&self, now: Instant, epoch: u64) -> bool {
+        self.key_epoch == epoch && self.trusted_until.is_some_and(|t| now < t)
     }
 }
 
@@ -220,15 +344,14 @@ mod tests {
     fn key_with(change: impl FnOnce(&mut Exchange), subject: &str) -> CacheKey {
         let mut c = config();
         change(&mut c);
-        KeyDeriver::new(&c).key(&crate::inbound::cache::digest(subject))
+        KeyDeriver::new(&c).key(subject.as_bytes())
     }
 
     #[test]
     fn same_parameters_and_subject_give_the_same_key() {
         assert_eq!(key_with(|_| {}, "token-a"), key_with(|_| {}, "token-a"));
         let d = KeyDeriver::new(&config());
-        let digest = crate::inbound::cache::digest("token-a");
-        assert_eq!(d.key(&digest), d.clone().key(&digest));
+        assert_eq!(d.key(b"token-a"), d.clone().key(b"token-a"));
     }
 
     #[test]

@@ -46,12 +46,14 @@ use url::Url;
 
 use crate::config::{Cache, Exchange};
 use crate::idp::{self, IdpClient, IdpError};
+use crate::inbound::Principal;
 use crate::metrics::{ExchangeResult, Metrics};
 use crate::readiness::Readiness;
 
 use breaker::Breaker;
 pub use breaker::{BreakerSettings, BreakerState};
-use cache::{CacheKey, CachedToken, EntryExpiry, KeyDeriver};
+pub use cache::CacheKey;
+use cache::{CachedToken, EntryExpiry, KeyDeriver, KeyHasherBuilder};
 use client_auth::ClientAuthenticator;
 pub use client_auth::CredentialError;
 use request::FormTemplate;
@@ -92,6 +94,18 @@ pub struct Exchanged {
     /// `Bearer <token>`, marked sensitive.
     pub authorization: HeaderValue,
     pub cache: CacheStatus,
+    /// The subject token's `sub`, for the access log.
+    pub sub: Option<Arc<str>>,
+}
+
+impl Exchanged {
+    fn from_entry(entry: CachedToken, cache: CacheStatus) -> Self {
+        Self {
+            authorization: entry.authorization,
+            cache,
+            sub: entry.sub,
+        }
+    }
 }
 
 /// Why an exchange failed, split by whose fault it is (SPEC "Exchange outcomes").
@@ -145,7 +159,7 @@ impl Default for ExchangerOptions {
 
 /// Exchanges subject tokens, with a cache.
 pub struct Exchanger {
-    cache: moka::future::Cache<CacheKey, CachedToken>,
+    cache: moka::future::Cache<CacheKey, CachedToken, KeyHasherBuilder>,
     keys: KeyDeriver,
     form: FormTemplate,
     auth: ClientAuthenticator,
@@ -216,7 +230,7 @@ impl Exchanger {
             cache: moka::future::Cache::builder()
                 .max_capacity(cache.max_entries)
                 .expire_after(EntryExpiry)
-                .build(),
+                .build_with_hasher(KeyHasherBuilder::new()),
             keys: KeyDeriver::new(config),
             form: FormTemplate::new(config),
             auth,
@@ -257,34 +271,69 @@ impl Exchanger {
     }
 
     /// Exchanges `subject` (a validated client token expiring at `subject_expires_at`,
-    /// seconds since the Unix epoch).
+    /// seconds since the Unix epoch). The result is cached but rests on no acceptance, so
+    /// [`Exchanger::cached`] does not serve it.
     pub async fn exchange(
         &self,
         subject: &str,
         subject_expires_at: Option<u64>,
     ) -> Result<Exchanged, ExchangeError> {
-        let digest = crate::inbound::cache::digest(subject);
-        self.exchange_digested(subject, &digest, subject_expires_at)
+        let principal = Principal {
+            sub: None,
+            expires_at: subject_expires_at,
+            trusted_until: None,
+            key_epoch: 0,
+        };
+        self.exchange_keyed(subject, &self.key(subject), &principal)
             .await
     }
 
-    /// [`Exchanger::exchange`] for a subject whose SHA-256 digest
-    /// ([`crate::inbound::cache::digest`]) the caller already has — the request path, which
-    /// computed it to validate the token. `subject_digest` must be that token's digest.
-    pub async fn exchange_digested(
+    /// The cache key of `subject` (SPEC "Cache": SHA-256 over the length-prefixed exchange
+    /// parameters and the subject token).
+    pub fn key(&self, subject: &str) -> CacheKey {
+        self.keys.key(subject.as_bytes())
+    }
+
+    /// The hot path: the cached exchange for a subject token seen before (by its
+    /// [`Exchanger::key`]), served without validating the token again while the validation
+    /// the entry rests on holds: not past its [`Principal::trusted_until`] and made in the
+    /// validator's current `key_epoch` ([`crate::inbound::Validator::key_epoch`]). `None`:
+    /// validate the token, then call [`Exchanger::exchange_keyed`].
+    pub async fn cached(&self, key: &CacheKey, key_epoch: u64) -> Option<Exchanged> {
+        let entry = self.cache.get(key).await?;
+        let now = Instant::now();
+        if !(entry.is_servable(now) && entry.is_trusted(now, key_epoch)) {
+            return None;
+        }
+        Metrics::inc(&self.metrics.cache_hits);
+        Some(Exchanged::from_entry(entry, CacheStatus::Hit))
+    }
+
+    /// [`Exchanger::exchange`] for a subject the validator has just accepted as `principal`,
+    /// whose [`Exchanger::key`] the caller already has (`key` must be that subject's). The
+    /// entry rests on that acceptance, so [`Exchanger::cached`] serves it while it holds; a
+    /// cached entry whose acceptance had lapsed is renewed with this one.
+    pub async fn exchange_keyed(
         &self,
         subject: &str,
-        subject_digest: &[u8; 32],
-        subject_expires_at: Option<u64>,
+        key: &CacheKey,
+        principal: &Principal,
     ) -> Result<Exchanged, ExchangeError> {
-        let key = self.keys.key(subject_digest);
+        let key = *key;
         if let Some(entry) = self.cache.get(&key).await {
-            if entry.is_servable(Instant::now()) {
+            let now = Instant::now();
+            if entry.is_servable(now) {
                 Metrics::inc(&self.metrics.cache_hits);
-                return Ok(Exchanged {
-                    authorization: entry.authorization,
-                    cache: CacheStatus::Hit,
-                });
+                if !entry.is_trusted(now, principal.key_epoch)
+                    && principal.trusted(now, principal.key_epoch)
+                {
+                    self.cache
+                        .insert(key, entry.retrusted(principal, now))
+                        .await;
+                }
+                let mut hit = Exchanged::from_entry(entry, CacheStatus::Hit);
+                hit.sub.clone_from(&principal.sub);
+                return Ok(hit);
             }
             self.evict_if_stale(key).await;
         }
@@ -294,7 +343,7 @@ impl Exchanger {
         let called = AtomicBool::new(false);
         let init = async {
             called.store(true, Ordering::Relaxed);
-            self.call_idp(subject, subject_expires_at).await
+            self.call_idp(subject, principal).await
         };
         let result = self.cache.entry(key).or_try_insert_with(init).await;
         let status = if called.load(Ordering::Relaxed) {
@@ -305,10 +354,7 @@ impl Exchanger {
             CacheStatus::Coalesced
         };
         match result {
-            Ok(entry) => Ok(Exchanged {
-                authorization: entry.into_value().authorization,
-                cache: status,
-            }),
+            Ok(entry) => Ok(Exchanged::from_entry(entry.into_value(), status)),
             Err(e) => Err(ExchangeError::clone(&e)),
         }
     }
@@ -340,7 +386,7 @@ impl Exchanger {
     async fn call_idp(
         &self,
         subject: &str,
-        subject_expires_at: Option<u64>,
+        principal: &Principal,
     ) -> Result<CachedToken, ExchangeError> {
         let Some(endpoint) = self.endpoint.get() else {
             tracing::debug!("token exchange: the token endpoint is not known yet");
@@ -385,7 +431,7 @@ impl Exchanger {
         .await;
         self.metrics.exchange_duration.observe(started.elapsed());
 
-        let (outcome, idp_available) = self.judge(answer, subject_expires_at);
+        let (outcome, idp_available) = self.judge(answer, principal);
         permit.record(idp_available, Instant::now());
         self.metrics.exchange_requests.inc(match &outcome {
             Ok(_) => ExchangeResult::Success,
@@ -404,7 +450,7 @@ impl Exchanger {
     fn judge(
         &self,
         answer: Result<request::Answer, IdpError>,
-        subject_expires_at: Option<u64>,
+        principal: &Principal,
     ) -> (Result<CachedToken, ExchangeError>, bool) {
         let answer = match answer {
             Ok(a) => a,
@@ -428,7 +474,7 @@ impl Exchanger {
                     response::parse_success(body, &self.requested_token_type, SystemTime::now())
                 });
             return match issued {
-                Ok(issued) => (Ok(self.entry(issued, subject_expires_at)), true),
+                Ok(issued) => (Ok(self.entry(issued, principal)), true),
                 Err(why) => {
                     tracing::warn!(
                         status,
@@ -471,9 +517,12 @@ impl Exchanger {
         }
     }
 
-    /// The cache entry for an issued token (SPEC "Cache": earliest end, minus the margin).
-    fn entry(&self, issued: response::Issued, subject_expires_at: Option<u64>) -> CachedToken {
-        let subject = subject_expires_at.map(|exp| cache::remaining_until(exp, SystemTime::now()));
+    /// The cache entry for an issued token (SPEC "Cache": earliest end, minus the margin),
+    /// resting on the subject's acceptance.
+    fn entry(&self, issued: response::Issued, principal: &Principal) -> CachedToken {
+        let subject = principal
+            .expires_at
+            .map(|exp| cache::remaining_until(exp, SystemTime::now()));
         let lifetime = cache::entry_lifetime(issued.lifetime, subject, self.max_ttl);
         let window = cache::serve_window(lifetime, self.expiry_margin);
         if window.is_zero() {
@@ -482,7 +531,7 @@ impl Exchanger {
                 "token exchange: the token expires within the expiry margin; used once, not cached"
             );
         }
-        CachedToken::new(issued.authorization, window, Instant::now())
+        CachedToken::new(issued.authorization, window, Instant::now()).resting_on(principal)
     }
 }
 

@@ -160,6 +160,8 @@ mod tests {
         Ok(Principal {
             sub: Some("s".into()),
             expires_at: Some(exp),
+            trusted_until: None,
+            key_epoch: 0,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Claim checks shared by JWTs (RFC 7519 §4.1, RFC 9068 §4) and introspection responses
 //! (RFC 7662 §2.2, whose members carry the same names and meanings).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -169,8 +170,11 @@ impl Rules {
             });
         }
         Ok(Principal {
-            sub: claims.sub.clone(),
+            sub: claims.sub.as_deref().map(Arc::from),
             expires_at: exp.and_then(|e| u64::try_from(e).ok()),
+            // Set by the validator, which knows how long the acceptance may be remembered.
+            trusted_until: None,
+            key_epoch: 0,
         })
     }
 
@@ -274,7 +278,9 @@ mod tests {
             p,
             Principal {
                 sub: Some("alice".into()),
-                expires_at: Some((NOW + 60) as u64)
+                expires_at: Some((NOW + 60) as u64),
+                trusted_until: None,
+                key_epoch: 0,
             }
         );
     }

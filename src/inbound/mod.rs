@@ -34,6 +34,7 @@ pub mod introspection;
 pub mod jwks;
 pub mod jwt;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,11 +81,26 @@ pub const DEFAULT_CACHE_ENTRIES: u64 = 100_000;
 /// What the proxy knows about a validated client token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// The token's `sub`, for the access log.
-    pub sub: Option<String>,
+    /// The token's `sub`, for the access log (shared: every request of the token logs it).
+    pub sub: Option<Arc<str>>,
     /// The token's `exp` (seconds since the Unix epoch), bounding how long an exchanged token
     /// may be cached.
     pub expires_at: Option<u64>,
+    /// Until when this acceptance may be relied on without validating the token again (tokio
+    /// clock): what a cached decision would live, i.e. `exp` + leeway capped by
+    /// [`Timing::validated_ttl`] (JWT) or [`Timing::introspection_ttl`] (introspection).
+    /// `None`: not beyond the current request.
+    pub trusted_until: Option<tokio::time::Instant>,
+    /// [`Validator::key_epoch`] when the token was validated: an acceptance from an older
+    /// epoch may rest on a key that has since been withdrawn.
+    pub key_epoch: u64,
+}
+
+impl Principal {
+    /// Whether the acceptance still holds at `now` in key epoch `epoch`.
+    pub fn trusted(&self, now: tokio::time::Instant, epoch: u64) -> bool {
+        self.key_epoch == epoch && self.trusted_until.is_some_and(|t| now < t)
+    }
 }
 
 /// Why a request's token was not accepted.
@@ -130,6 +146,10 @@ pub struct Timing {
     pub introspection_ttl: Duration,
     /// Decisions remembered at most.
     pub cache_entries: u64,
+    /// Whether accepted JWTs are remembered in the decision cache. Off in exchange mode: there
+    /// the exchanged-token cache entry carries the acceptance ([`Principal::trusted_until`],
+    /// [`Principal::key_epoch`]), so a token seen again costs one lookup and one entry.
+    pub remember_accepted: bool,
 }
 
 impl Default for Timing {
@@ -146,6 +166,7 @@ impl Default for Timing {
             validated_ttl: DEFAULT_VALIDATED_TTL,
             introspection_ttl: DEFAULT_INTROSPECTION_TTL,
             cache_entries: DEFAULT_CACHE_ENTRIES,
+            remember_accepted: true,
         }
     }
 }
@@ -173,6 +194,8 @@ pub struct Validator {
     timing: Timing,
     keys: KeyStore,
     cache: DecisionCache,
+    /// Bumped whenever a key leaves the JWKS (and cached decisions are forgotten).
+    key_epoch: AtomicU64,
     introspection: Option<Introspector>,
     /// Set to `true` once discovery has filled in what was not configured.
     discovered: tokio::sync::watch::Sender<bool>,
@@ -226,6 +249,7 @@ impl Validator {
                 .collect(),
             max_token_bytes: config.max_token_bytes,
             cache: DecisionCache::new(timing.cache_entries, rules.leeway()),
+            key_epoch: AtomicU64::new(0),
             rules,
             keys: KeyStore::new(config.jwks_uri.clone(), timing.unknown_kid_interval),
             idp,
@@ -259,6 +283,19 @@ impl Validator {
         tokio::spawn(Self::jwks_task(Arc::downgrade(self)));
     }
 
+    /// The current key epoch: changes whenever a key is withdrawn from the issuer's JWKS, so
+    /// that acceptances remembered elsewhere ([`Principal::key_epoch`]) can be recognised as
+    /// possibly resting on a withdrawn key.
+    pub fn key_epoch(&self) -> u64 {
+        self.key_epoch.load(Ordering::Acquire)
+    }
+
+    /// A key was withdrawn: a new epoch, and every cached decision forgotten.
+    fn forget_decisions(&self) {
+        self.key_epoch.fetch_add(1, Ordering::AcqRel);
+        self.cache.clear();
+    }
+
     /// Number of cached decisions (for a gauge).
     pub fn cached_decisions(&self) -> u64 {
         self.cache.len()
@@ -269,23 +306,16 @@ impl Validator {
         if token.len() > self.max_token_bytes {
             return Err(reject(RejectReason::TooLarge, "token too large"));
         }
-        self.validate_digested(token, cache::digest(token)).await
-    }
-
-    /// [`Validator::validate`] for a token whose digest ([`cache::digest`]) the caller has
-    /// already computed (the request path shares it with the exchange cache). `digest` must be
-    /// that token's digest.
-    pub async fn validate_digested(
-        &self,
-        token: &str,
-        digest: TokenDigest,
-    ) -> Result<Principal, InboundError> {
-        if token.len() > self.max_token_bytes {
-            return Err(reject(RejectReason::TooLarge, "token too large"));
-        }
+        let digest = cache::digest(token);
+        // Read before any key is looked up: an acceptance is stamped with the epoch it began
+        // in, so a withdrawal that happens while it is being verified makes it stale.
+        let epoch = self.key_epoch();
         let now = unix_now();
-        if let Some(decision) = self.cache.get(&digest, now).await {
-            return decision;
+        match self.cache.get(&digest, now).await {
+            // A decision inserted after a withdrawal by a validation that began before it.
+            Some(Ok(p)) if p.key_epoch != epoch => {}
+            Some(decision) => return decision,
+            None => {}
         }
         // Only decisions about well-formed tokens are ever cached, so the alphabet needs
         // checking on a miss only.
@@ -293,9 +323,10 @@ impl Validator {
             return Err(reject(RejectReason::Malformed, "malformed token"));
         }
         match (jwt::split(token), &self.introspection) {
-            (Some(segments), _) => self.validate_jwt(segments, digest, now).await,
+            (Some(segments), _) => self.validate_jwt(segments, digest, now, epoch).await,
             (None, Some(introspector)) => {
-                self.validate_opaque(introspector, token, digest, now).await
+                self.validate_opaque(introspector, token, digest, now, epoch)
+                    .await
             }
             (None, None) => Err(reject(RejectReason::Malformed, "token is not a JWT")),
         }
@@ -306,6 +337,7 @@ impl Validator {
         segments: Segments<'_>,
         digest: TokenDigest,
         now: i64,
+        epoch: u64,
     ) -> Result<Principal, InboundError> {
         let malformed = |e: jwt::Malformed| reject(RejectReason::Malformed, e.0);
         let header = jwt::parse_header(segments.header).map_err(malformed)?;
@@ -333,13 +365,18 @@ impl Validator {
         if !key.verify(&segments, alg) {
             return Err(reject(RejectReason::Signature, "invalid signature"));
         }
-        let decision = self.rules.check(&claims, now, Source::Jwt);
-        if claims::cacheable(&decision) {
-            let exp = claims.exp.map(|d| d.0);
-            if let Some(ttl) = claims::ttl(exp, self.rules.leeway(), now, self.timing.validated_ttl)
-            {
-                self.cache.insert(digest, decision.clone(), ttl).await;
-            }
+        let exp = claims.exp.map(|d| d.0);
+        let ttl = claims::ttl(exp, self.rules.leeway(), now, self.timing.validated_ttl);
+        let decision = self
+            .rules
+            .check(&claims, now, Source::Jwt)
+            .map(|p| stamp(p, ttl, epoch));
+        let remember = match &decision {
+            Ok(_) => self.timing.remember_accepted,
+            Err(_) => claims::cacheable(&decision),
+        };
+        if remember && let Some(ttl) = ttl {
+            self.cache.insert(digest, decision.clone(), ttl).await;
         }
         decision
     }
@@ -362,7 +399,7 @@ impl Validator {
             .await;
         tracing::debug!(?outcome, "JWKS refetch for an unknown kid");
         if let Refetch::Fetched { lost_keys: true } = outcome {
-            self.cache.clear();
+            self.forget_decisions();
         }
         let (set, _) = self.keys.snapshot().ok_or(InboundError::Unavailable)?;
         set.select(kid, alg).map_err(select_error)
@@ -374,6 +411,7 @@ impl Validator {
         token: &str,
         digest: TokenDigest,
         now: i64,
+        epoch: u64,
     ) -> Result<Principal, InboundError> {
         let init = async {
             let answer = introspector
@@ -394,6 +432,7 @@ impl Validator {
             let exp = answer.claims.exp.map(|d| d.0);
             let ttl = claims::ttl(exp, self.rules.leeway(), now, self.timing.introspection_ttl)
                 .ok_or(reject(RejectReason::Expired, "token expired"))?;
+            let decision = decision.map(|p| stamp(p, Some(ttl), epoch));
             Ok(Entry { decision, ttl })
         };
         self.cache.get_or_try_insert_with(digest, now, init).await
@@ -407,7 +446,7 @@ impl Validator {
     {
         let (lost_keys, max_age) = self.keys.refresh(fetch).await?;
         if lost_keys {
-            self.cache.clear();
+            self.forget_decisions();
         }
         self.readiness.done(READY_JWKS);
         Some(max_age)
@@ -540,6 +579,15 @@ fn select_error(e: SelectError) -> InboundError {
 }
 
 /// Seconds since the Unix epoch.
+/// Marks an acceptance as trusted for `ttl` from now (tokio clock) in key epoch `epoch`.
+fn stamp(principal: Principal, ttl: Option<Duration>, epoch: u64) -> Principal {
+    Principal {
+        trusted_until: ttl.map(|t| tokio::time::Instant::now() + t),
+        key_epoch: epoch,
+        ..principal
+    }
+}
+
 fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -152,6 +152,98 @@ async fn withdrawn_key_clears_cached_decisions() {
 }
 
 #[tokio::test]
+async fn acceptances_carry_their_trust_and_key_epoch() {
+    let v = validator();
+    let before = tokio::time::Instant::now();
+    let p = v.validate(&mint(&rs256(), &claims())).await.expect("valid");
+    assert_eq!(p.key_epoch, 0);
+    // exp in 600 s (+30 s leeway) is capped by the 300 s a validation is remembered.
+    let until = p.trusted_until.expect("trusted for a while");
+    assert!(until >= before + DEFAULT_VALIDATED_TTL, "{until:?}");
+    assert!(until <= tokio::time::Instant::now() + DEFAULT_VALIDATED_TTL);
+    assert!(p.trusted(before, 0));
+    assert!(!p.trusted(before, 1), "another epoch");
+    assert!(!p.trusted(until, 0), "lapsed");
+
+    let mut c = claims();
+    c["exp"] = json!(now() + 10);
+    let short = v.validate(&mint(&rs256(), &c)).await.expect("valid");
+    let until = short.trusted_until.expect("trusted");
+    assert!(
+        until <= tokio::time::Instant::now() + Duration::from_secs(41),
+        "exp + leeway bounds the trust: {until:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_withdrawn_key_starts_a_new_key_epoch() {
+    let v = validator();
+    assert_eq!(v.key_epoch(), 0);
+    let (same, _) = KeySet::from_document(&JwkSetDocument {
+        keys: vec![rsa_jwk("rsa-1"), ec_jwk("ec-1")],
+    });
+    v.refresh_keys(async { Some((same, None)) }).await;
+    assert_eq!(v.key_epoch(), 0, "nothing withdrawn");
+    let (fewer, _) = KeySet::from_document(&JwkSetDocument {
+        keys: vec![rsa_jwk("rsa-1")],
+    });
+    v.refresh_keys(async { Some((fewer, None)) }).await;
+    assert_eq!(v.key_epoch(), 1);
+    let p = v
+        .validate(&mint(&rs256(), &claims()))
+        .await
+        .expect("rsa-1 is still published");
+    assert_eq!(p.key_epoch, 1);
+}
+
+#[tokio::test]
+async fn a_decision_from_an_older_key_epoch_is_not_served() {
+    let v = validator();
+    let token = mint(&rs256(), &claims());
+    let old = v.validate(&token).await.expect("valid");
+    v.forget_decisions();
+    // As if a validation that began before the withdrawal finished after it.
+    v.cache
+        .insert(cache::digest(&token), Ok(old), Duration::from_secs(60))
+        .await;
+    v.keys
+        .refresh(async { Some((KeySet::default(), ())) })
+        .await;
+    assert_eq!(reason(v.validate(&token).await).0, RejectReason::UnknownKey);
+}
+
+#[tokio::test]
+async fn without_remember_accepted_only_refusals_are_remembered() {
+    let idp = IdpClient::new(&IdpTls {
+        ca_file: None,
+        allow_plain_http: false,
+    })
+    .expect("client");
+    let timing = Timing {
+        remember_accepted: false,
+        ..Timing::default()
+    };
+    let v = Validator::with_timing(&inbound(&[]), idp, Arc::default(), Arc::default(), timing);
+    let (set, _) = KeySet::from_document(&JwkSetDocument {
+        keys: vec![rsa_jwk("rsa-1")],
+    });
+    v.refresh_keys(async { Some((set, None)) }).await;
+    let good = mint(&rs256(), &claims());
+    let p = v.validate(&good).await.expect("valid");
+    assert!(
+        p.trusted_until.is_some(),
+        "the acceptance still says how long it holds"
+    );
+    let mut c = claims();
+    c["aud"] = json!("someone-else");
+    let wrong = mint(&rs256(), &c);
+    assert_eq!(reason(v.validate(&wrong).await).0, RejectReason::Audience);
+    v.cache.run_pending_tasks().await;
+    assert_eq!(v.cache.len(), 1, "only the refusal");
+    assert!(v.cache.get(&cache::digest(&good), now()).await.is_none());
+}
+
+#[tokio::test]
 async fn expired_token_is_refused_and_not_cached() {
     let v = validator();
     let mut c = claims();

@@ -38,7 +38,7 @@ pub struct AccessLog {
     /// `hit`, `miss`, `coalesced` in exchange mode.
     pub cache: Option<&'static str>,
     /// `sub` of the validated client token.
-    pub sub: Option<String>,
+    pub sub: Option<Arc<str>>,
     pub bytes: u64,
     /// `complete`, `aborted` (client went away), `error`, `idle_timeout`.
     pub body: &'static str,
@@ -71,7 +71,7 @@ impl Drop for AccessLog {
                 method: self.method.as_str(),
                 path: &self.path,
                 status: self.status,
-                duration_ms: elapsed.as_secs_f64() * 1e3,
+                duration: elapsed,
                 bytes: self.bytes,
                 outcome: self.outcome,
                 cache: self.cache.unwrap_or("-"),

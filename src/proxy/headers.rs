@@ -24,9 +24,30 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
+/// The client's address, with its `X-Forwarded-For` form made once per connection.
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    ip: IpAddr,
+    header: Option<HeaderValue>,
+}
+
+impl ClientIp {
+    /// The address of a client connection.
+    pub fn new(ip: IpAddr) -> Self {
+        Self {
+            ip,
+            header: HeaderValue::from_str(&ip.to_string()).ok(),
+        }
+    }
+}
+
 /// Removes every hop-by-hop field: the fixed list and every name listed in *any* `Connection`
 /// field (all values, not only the first header).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a removal per name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if !headers.contains_key(header::CONNECTION) {
         for name in &HOP_BY_HOP {
             headers.remove(name);
@@ -50,18 +71,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn prepare_request(
     headers: &mut HeaderMap,
     authorization: Option<HeaderValue>,
-    client_ip: IpAddr,
+    client_ip: &ClientIp,
     original_host: Option<HeaderValue>,
     proto: &'static str,
     upstream_host: &HeaderValue,
     preserve_host: bool,
 ) {
     strip_hop_by_hop(headers);
-    headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
-    if let Some(mut auth) = authorization {
-        auth.set_sensitive(true);
-        headers.insert(header::AUTHORIZATION, auth);
+    match authorization {
+        // `insert` replaces every value the client sent.
+        Some(mut auth) => {
+            auth.set_sensitive(true);
+            headers.insert(header::AUTHORIZATION, auth);
+        }
+        None => {
+            headers.remove(header::AUTHORIZATION);
+        }
     }
     fold_cookies(headers);
     append_forwarded_for(headers, client_ip);
@@ -100,18 +126,18 @@ fn fold_cookies(headers: &mut HeaderMap) {
 }
 
 /// Appends the client's address to `X-Forwarded-For`, folding multiple fields into one.
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientIp) {
     let existing: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let value = if existing.is_empty() {
-        ip.to_string()
-    } else {
-        format!("{}, {ip}", existing.join(", "))
+    let value = match (existing.is_empty(), &client.header) {
+        (true, Some(v)) => Ok(v.clone()),
+        (true, None) => HeaderValue::from_str(&client.ip.to_string()),
+        (false, _) => HeaderValue::from_str(&format!("{}, {}", existing.join(", "), client.ip)),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Ok(v) = value {
         headers.insert(X_FORWARDED_FOR, v);
     }
 }
@@ -168,7 +194,7 @@ mod tests {
         prepare_request(
             &mut h,
             Some(HeaderValue::from_static("Bearer exchanged")),
-            "127.0.0.9".parse().expect("ip"),
+            &ClientIp::new("127.0.0.9".parse().expect("ip")),
             Some(HeaderValue::from_static("mcp.example.com")),
             "https",
             &upstream,
@@ -194,7 +220,7 @@ mod tests {
         prepare_request(
             &mut h,
             None,
-            "127.0.0.1".parse().expect("ip"),
+            &ClientIp::new("127.0.0.1".parse().expect("ip")),
             None,
             "http",
             &upstream,
@@ -211,7 +237,7 @@ mod tests {
         prepare_request(
             &mut h,
             None,
-            "127.0.0.1".parse().expect("ip"),
+            &ClientIp::new("127.0.0.1".parse().expect("ip")),
             Some(HeaderValue::from_static("public.example")),
             "http",
             &upstream,
@@ -233,7 +259,7 @@ mod tests {
             }
             h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
             let upstream = HeaderValue::from_static("u");
-            prepare_request(&mut h, None, "127.0.0.1".parse().expect("ip"), None, "http", &upstream, false);
+            prepare_request(&mut h, None, &ClientIp::new("127.0.0.1".parse().expect("ip")), None, "http", &upstream, false);
             for n in &names {
                 prop_assert!(h.get(n.as_str()).is_none());
             }

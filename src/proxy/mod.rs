@@ -9,7 +9,6 @@ pub mod headers;
 pub mod metadata;
 pub mod upstream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,9 +19,10 @@ use hyper::body::Incoming;
 use crate::config::{Config, Mode};
 use crate::error::{self, Denial};
 use crate::exchange::Exchanger;
-use crate::inbound::{self, Validator};
+use crate::inbound::Validator;
 use crate::metrics::{Metrics, UpstreamErrorKind};
 pub use body::{AccessLog, ProxyBody};
+pub use headers::ClientIp;
 
 /// Everything the request path needs, shared by all connections.
 pub struct AppState {
@@ -112,7 +112,7 @@ fn is_plain_path(path: &str) -> bool {
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
-    remote: SocketAddr,
+    client: ClientIp,
 ) -> Response<ProxyBody> {
     let mut log = AccessLog::new(
         state.metrics.clone(),
@@ -150,41 +150,69 @@ pub async fn handle(
         }
     };
 
-    forward(&state, req, remote, authorization, log).await
+    forward(&state, req, &client, authorization, log).await
 }
 
 /// Extracts and validates the bearer token, then exchanges it (or passes it through).
 /// Returns the `Authorization` value for the backend.
+///
+/// In exchange mode a token seen before is served from the exchanged-token cache in one
+/// lookup: its entry carries the token's acceptance, valid as long as a remembered
+/// validation would be ([`Exchanger::cached`]). Anything else is validated, then exchanged.
 async fn authorize(
     state: &AppState,
     req: &Request<Incoming>,
     log: &mut AccessLog,
 ) -> Result<HeaderValue, Denial> {
     let token = bearer_token(req.headers(), state.config.inbound.max_token_bytes)?;
-    // One SHA-256 of the token serves both caches.
-    let digest = inbound::cache::digest(token);
-    let principal = state
-        .validator
-        .validate_digested(token, digest)
+    let exchanger = match (&state.config.mode, &state.exchanger) {
+        (Mode::Exchange, Some(exchanger)) => exchanger,
+        (Mode::Passthrough, _) | (Mode::Exchange, None) => {
+            let principal = Box::pin(state.validator.validate(token))
+                .await
+                .map_err(Denial::Inbound)?;
+            log.sub = principal.sub;
+            return passthrough_authorization(req.headers(), token);
+        }
+    };
+    // One SHA-256 over the exchange parameters and the token: the key of its cache entry.
+    let key = exchanger.key(token);
+    if let Some(hit) = exchanger.cached(&key, state.validator.key_epoch()).await {
+        log.sub = hit.sub;
+        log.cache = Some(hit.cache.as_str());
+        return Ok(hit.authorization);
+    }
+    // The slow paths are boxed: their futures (key fetches, the IdP call) are kilobytes,
+    // and inline they would make every request's future that large, cache hits included.
+    let principal = Box::pin(state.validator.validate(token))
         .await
         .map_err(Denial::Inbound)?;
-    log.sub = principal.sub.clone();
-    match (&state.config.mode, &state.exchanger) {
-        (Mode::Exchange, Some(exchanger)) => {
-            let exchanged = exchanger
-                .exchange_digested(token, &digest, principal.expires_at)
-                .await
-                .map_err(Denial::Exchange)?;
-            log.cache = Some(exchanged.cache.as_str());
-            Ok(exchanged.authorization)
+    log.sub.clone_from(&principal.sub);
+    let exchanged = Box::pin(exchanger.exchange_keyed(token, &key, &principal))
+        .await
+        .map_err(Denial::Exchange)?;
+    log.cache = Some(exchanged.cache.as_str());
+    Ok(exchanged.authorization)
+}
+
+/// The client's own `Authorization` value for the backend (passthrough mode): the header as
+/// received when it is already `Bearer <token>`, else rebuilt in that form.
+fn passthrough_authorization(
+    headers: &http::HeaderMap,
+    token: &str,
+) -> Result<HeaderValue, Denial> {
+    let canonical = headers.get(header::AUTHORIZATION).filter(|v| {
+        let b = v.as_bytes();
+        b.len() == token.len() + 7 && b.starts_with(b"Bearer ") && &b[7..] == token.as_bytes()
+    });
+    let mut v = match canonical {
+        Some(v) => v.clone(),
+        None => {
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Denial::MalformedToken)?
         }
-        (Mode::Passthrough, _) | (Mode::Exchange, None) => {
-            let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| Denial::MalformedToken)?;
-            v.set_sensitive(true);
-            Ok(v)
-        }
-    }
+    };
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// The token of the request's single `Authorization: Bearer` header (RFC 6750 §2.1; the
@@ -206,15 +234,17 @@ pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str,
             Err(Denial::MissingToken)
         };
     }
-    // `from_utf8` has a fast path for ASCII; the alphabet check below does the real work.
+    // `from_utf8` has a fast path for ASCII. The token's alphabet (RFC 6750 b64token) is
+    // checked by the validator before anything is decided about it, and only then: a token
+    // found in a cache has the bytes of one that passed that check.
     let token = std::str::from_utf8(&bytes[7..])
         .map_err(|_| Denial::MalformedToken)?
         .trim_matches(' ');
+    if token.is_empty() {
+        return Err(Denial::MalformedToken);
+    }
     if token.len() > max_bytes {
         return Err(Denial::TokenTooLarge);
-    }
-    if !inbound::jwt::is_b64token(token) {
-        return Err(Denial::MalformedToken);
     }
     Ok(token)
 }
@@ -223,7 +253,7 @@ pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str,
 async fn forward(
     state: &AppState,
     req: Request<Incoming>,
-    remote: SocketAddr,
+    client: &ClientIp,
     authorization: Option<HeaderValue>,
     mut log: AccessLog,
 ) -> Response<ProxyBody> {
@@ -249,7 +279,7 @@ async fn forward(
     headers::prepare_request(
         &mut parts.headers,
         authorization,
-        remote.ip(),
+        client,
         original_host,
         state.forwarded_proto,
         &state.upstream_host,
@@ -350,12 +380,13 @@ mod tests {
             ("Basic dXNlcg==", Denial::MissingToken),
             ("Bearer", Denial::MalformedToken),
             ("Bearer ", Denial::MalformedToken),
-            ("Bearer a b", Denial::MalformedToken),
-            ("Bearer a\"b", Denial::MalformedToken),
             (long.as_str(), Denial::TokenTooLarge),
         ] {
             assert_eq!(bearer_token(&auth(value), 100), Err(expected), "{value}");
         }
+        // The alphabet is the validator's to check (before any cache): these get that far.
+        assert_eq!(bearer_token(&auth("Bearer a b"), 100), Ok("a b"));
+        assert_eq!(bearer_token(&auth("Bearer a\"b"), 100), Ok("a\"b"));
         let mut two = auth("Bearer a");
         two.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
         assert_eq!(bearer_token(&two, 100), Err(Denial::MalformedToken));

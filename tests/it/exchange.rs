@@ -17,6 +17,7 @@ use token_exchange_proxy::exchange::{
     ExchangerOptions,
 };
 use token_exchange_proxy::idp::IdpClient;
+use token_exchange_proxy::inbound::Principal;
 use token_exchange_proxy::metrics::{ExchangeResult, Metrics};
 use token_exchange_proxy::readiness::Readiness;
 
@@ -290,6 +291,83 @@ async fn a_token_expiring_within_the_margin_is_used_but_not_cached() {
     );
     assert_ne!(bearer(&first), bearer(&second));
     assert_eq!(idp.calls(), 2);
+}
+
+#[tokio::test]
+async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    idp.answer(Answer::issue(300));
+    let s = setup(&idp);
+    let ex = &s.exchanger;
+    let key = ex.key("subject-a");
+    assert!(ex.cached(&key, 3).await.is_none(), "nothing cached yet");
+
+    let accepted = Principal {
+        sub: Some("alice".into()),
+        expires_at: None,
+        trusted_until: Some(tokio::time::Instant::now() + Duration::from_secs(60)),
+        key_epoch: 3,
+    };
+    let first = ex
+        .exchange_keyed("subject-a", &key, &accepted)
+        .await
+        .expect("exchange");
+    assert_eq!(first.cache, CacheStatus::Miss);
+    let hit = ex.cached(&key, 3).await.expect("served from the cache");
+    assert_eq!(hit.cache, CacheStatus::Hit);
+    assert_eq!(hit.sub.as_deref(), Some("alice"));
+    assert_eq!(bearer(&hit), bearer(&first));
+    assert!(
+        ex.cached(&key, 4).await.is_none(),
+        "a key was withdrawn since the acceptance"
+    );
+    let other = ex.key("subject-b");
+    assert!(ex.cached(&other, 3).await.is_none(), "another token");
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(
+        ex.cached(&key, 3).await.is_none(),
+        "the acceptance lapsed: the token must be validated again"
+    );
+    // Validated again: the cached exchange is kept and rests on the new acceptance.
+    let renewed = Principal {
+        trusted_until: Some(tokio::time::Instant::now() + Duration::from_secs(60)),
+        key_epoch: 4,
+        ..accepted
+    };
+    let again = ex
+        .exchange_keyed("subject-a", &key, &renewed)
+        .await
+        .expect("exchange");
+    assert_eq!(again.cache, CacheStatus::Hit);
+    assert_eq!(bearer(&again), bearer(&first));
+    let hit = ex.cached(&key, 4).await.expect("served again");
+    assert_eq!(bearer(&hit), bearer(&first));
+    tokio::time::resume();
+    assert_eq!(idp.calls(), 1);
+    assert_eq!(s.metrics.cache_hits.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn an_exchange_without_an_acceptance_is_never_served_by_the_hot_path() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup(&idp);
+    s.exchanger
+        .exchange("subject", None)
+        .await
+        .expect("exchange");
+    let key = s.exchanger.key("subject");
+    assert!(s.exchanger.cached(&key, 0).await.is_none());
+    assert_eq!(
+        s.exchanger
+            .exchange("subject", None)
+            .await
+            .expect("exchange")
+            .cache,
+        CacheStatus::Hit,
+        "but it is cached"
+    );
 }
 
 #[tokio::test]
@@ -1107,6 +1185,41 @@ async fn through_the_proxy_one_client_token_makes_one_exchange() {
     assert_eq!(metric(admin, "txp_exchange_cache_entries").await, Some(1.0));
     println!(
         "sequential cached request through the proxy: {per_request:?} on average (debug build)"
+    );
+}
+
+#[tokio::test]
+async fn through_the_proxy_a_withdrawn_key_ends_the_cached_exchanges_it_signed() {
+    let p = proxied(None, "").await;
+    let token = p.token("alice");
+    for _ in 0..3 {
+        assert_eq!(p.get(&token).await.status(), 200);
+    }
+    assert_eq!(p.idp.calls(), 1, "served from the cache");
+
+    // The issuer replaces its key; the first token signed with the new one makes the proxy
+    // fetch the key set, in which the old key is gone.
+    let new = Key::ec("k2");
+    p.issuer.publish(&[&new]);
+    let mut claims = p.issuer.claims(AUDIENCE, "notes.read");
+    claims["sub"] = "bob".into();
+    assert_eq!(p.get(&new.sign(&new.header(), &claims)).await.status(), 200);
+
+    let resp = p.get(&token).await;
+    assert_eq!(
+        resp.status(),
+        401,
+        "alice's exchanged token is not served any more"
+    );
+    assert_eq!(p.idp.calls(), 2, "bob's exchange only");
+    assert_eq!(p.echo.requests(), 4);
+    assert_eq!(
+        metric(
+            p.proxy.admin_addr,
+            "txp_token_rejections_total{reason=\"unknown_key\"}"
+        )
+        .await,
+        Some(1.0)
     );
 }
 

@@ -415,11 +415,11 @@ fn hostile_tokens(s: &Setup) -> Vec<Case> {
             "malformed token",
         ),
         case(
-            // Caught by the request path's header parsing, before the validator.
+            // Checked before anything else about the token is looked at or remembered.
             "characters outside b64token",
             format!("{vh}.{vp}.{vs}!"),
             "malformed",
-            "malformed bearer token",
+            "malformed token",
         ),
         case(
             "two segments",
