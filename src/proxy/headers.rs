@@ -78,6 +78,8 @@ pub fn prepare_request(
     preserve_host: bool,
 ) {
     strip_hop_by_hop(headers);
+    // Room for the X-Forwarded-* fields at once, rather than a regrowth per field.
+    headers.reserve(3);
     headers.remove(header::PROXY_AUTHORIZATION);
     match authorization {
         // `insert` replaces every value the client sent.
