@@ -234,18 +234,14 @@ warm() {
   record "$(python3 -c 'import json,sys; w=json.loads(sys.argv[2]); w.update(kind="warm", case=sys.argv[1]); print(json.dumps(w))' "$1" "$out")"
 }
 
-# latency CASE URL TOKENS PID: the fixed-rate run; records percentiles, the IdP calls and the
-# CPU time of the server under test per request (at this rate every server does the same
-# work per second, so the figures compare without the load generator's idle wake-ups).
+# latency CASE URL TOKENS: the fixed-rate run; records percentiles and the IdP calls.
 latency() {
-  local out i0 i1 c0 c1
+  local out i0 i1
   i0=$(idp_calls)
-  c0=$(cpu_ticks "$4")
   out="$(taskset -c "$LOAD_CPU" "$LOAD" rate --url "$2" --tokens "$3" --rate "$RATE" \
     --duration "$RATE_DURATION" --warmup "$RATE_WARMUP" --connections 32)"
-  c1=$(cpu_ticks "$4")
   i1=$(idp_calls)
-  record "$(python3 -c 'import json,sys; l=json.loads(sys.argv[2]); t=int(sys.argv[4]); l.update(kind="latency", case=sys.argv[1], idp_calls=int(sys.argv[3]), cpu_us_per_req=(t / float(sys.argv[5]) * 1e6 / max(l["sent"], 1)) if t >= 0 else None); print(json.dumps(l))' "$1" "$out" "$((i1 - i0))" "$(cpu_delta "$4" "$c0" "$c1")" "$CLK_TCK")"
+  record "$(python3 -c 'import json,sys; l=json.loads(sys.argv[2]); l.update(kind="latency", case=sys.argv[1], idp_calls=int(sys.argv[3])); print(json.dumps(l))' "$1" "$out" "$((i1 - i0))")"
   log "$1 at $RATE req/s: $(printf '%s' "$out" | python3 -c 'import json,sys; r=json.load(sys.stdin); print("p50 %d us, p99 %d us, %d/%d ok" % (r["p50_us"], r["p99_us"], r["ok"], r["sent"]))')"
 }
 
@@ -306,7 +302,7 @@ done
 for c in "${CASE_NAMES[@]}"; do
   tokens="$work/hit.txt"
   [ "$c" = exchange_miss ] && tokens="$work/miss-rate.txt"
-  latency "$c" "${CASE_URL[$c]}" "$tokens" "${CASE_PID[$c]}"
+  latency "$c" "${CASE_URL[$c]}" "$tokens"
 done
 
 # Single flight: BURST concurrent requests with one token the proxy has never seen, on the

@@ -145,13 +145,12 @@ pub(crate) struct KeyHasherBuilder {
 }
 
 impl KeyHasherBuilder {
-    /// A builder with a fresh random seed.
+    /// A builder with a fresh random seed (from the standard library's per-process random
+    /// hash keys: cheap at start-up, where seeding aws-lc's generator would cost tens of ms).
     pub(crate) fn new() -> Self {
-        let mut seed = [0u8; 8];
-        // With no randomness the seed stays fixed: still correct, merely predictable.
-        let _ = aws_lc_rs::rand::fill(&mut seed);
+        use std::hash::{BuildHasher, Hasher};
         Self {
-            seed: u64::from_le_bytes(seed),
+            seed: std::hash::RandomState::new().build_hasher().finish(),
         }
     }
 }
@@ -426,6 +425,54 @@ mod tests {
             for (b, kb) in &variants[i + 1..] {
                 assert_ne!(ka, kb, "{a} and {b} collide");
             }
+        }
+    }
+
+    #[test]
+    fn the_key_is_sha256_of_the_documented_encoding() {
+        // Written out by hand: domain, issuer, no endpoint, client id, token types, audiences,
+        // resources, scope, extra parameters, subject; lengths and counts as u64 big-endian.
+        fn f(out: &mut Vec<u8>, b: &[u8]) {
+            out.extend_from_slice(&(b.len() as u64).to_be_bytes());
+            out.extend_from_slice(b);
+        }
+        let c = config();
+        let mut expected = Vec::new();
+        f(&mut expected, b"token-exchange-proxy/exchange-cache/v1");
+        f(&mut expected, c.issuer.as_bytes());
+        expected.push(0);
+        f(&mut expected, b"txp");
+        f(&mut expected, crate::config::ACCESS_TOKEN_TYPE.as_bytes());
+        f(&mut expected, crate::config::ACCESS_TOKEN_TYPE.as_bytes());
+        expected.extend_from_slice(&1u64.to_be_bytes());
+        f(&mut expected, b"nextcloud");
+        expected.extend_from_slice(&0u64.to_be_bytes());
+        expected.push(1);
+        f(&mut expected, b"notes.read");
+        expected.extend_from_slice(&0u64.to_be_bytes());
+        f(&mut expected, b"the-subject-token");
+        let want = digest::digest(&digest::SHA256, &expected);
+        assert_eq!(
+            &KeyDeriver::new(&c).key(b"the-subject-token")[..],
+            want.as_ref()
+        );
+    }
+
+    #[test]
+    fn keys_hash_alike_within_a_cache_and_differently_across_seeds() {
+        use std::hash::BuildHasher;
+        let a = KeyDeriver::new(&config()).key(b"token-a");
+        let b = KeyDeriver::new(&config()).key(b"token-b");
+        let one = KeyHasherBuilder { seed: 1 };
+        let two = KeyHasherBuilder { seed: 2 };
+        assert_eq!(one.hash_one(a), one.hash_one(a));
+        assert_ne!(one.hash_one(a), one.hash_one(b));
+        assert_ne!(one.hash_one(a), two.hash_one(a), "the seed moves every key");
+        // Keys differing in one byte anywhere hash apart.
+        for i in 0..32 {
+            let mut c = a;
+            c[i] ^= 1;
+            assert_ne!(one.hash_one(a), one.hash_one(c), "byte {i}");
         }
     }
 

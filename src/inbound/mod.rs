@@ -3,23 +3,30 @@
 //!
 //! A JWT goes through these steps, cheapest first, and stops at the first failure:
 //!
-//! 1. size (`inbound.max_token_bytes`) and the RFC 6750 §2.1 `b64token` alphabet;
-//! 2. the cache of decisions, keyed by the token's SHA-256 digest ([`cache`]);
-//! 3. the header, parsed by the proxy itself ([`jwt`]): three base64url segments, bounded JSON
+//! 1. size (`inbound.max_token_bytes`);
+//! 2. the cache of decisions, keyed by the token's SHA-256 digest ([`cache`]); a remembered
+//!    acceptance counts only in the key epoch it was made in ([`Validator::key_epoch`]);
+//! 3. the RFC 6750 §2.1 `b64token` alphabet (a token found in the cache passed it before);
+//! 4. the header, parsed by the proxy itself ([`jwt`]): three base64url segments, bounded JSON
 //!    nesting, `alg` in `inbound.algorithms` (never `none` or HMAC, RFC 8725 §3.1), no `crit`
 //!    (the proxy understands no extension, RFC 7515 §4.1.11), `typ` absent, `JWT` or `at+jwt`
 //!    (RFC 9068 §2.1, RFC 8725 §3.11);
-//! 4. **`jku`, `x5u` and `jwk` headers are refused as malformed**: a token naming its own key
+//! 5. **`jku`, `x5u` and `jwk` headers are refused as malformed**: a token naming its own key
 //!    is either a mistake or an attack, and keys come from the issuer's JWKS only
 //!    (RFC 8725 §3.10). `x5c`/`x5t` are ignored, never read;
-//! 5. the key, chosen by `kid` in the JWKS ([`jwks`]); an unknown `kid` triggers one
+//! 6. the key, chosen by `kid` in the JWKS ([`jwks`]); an unknown `kid` triggers one
 //!    rate-limited, coalesced refetch;
-//! 6. the signature, with jsonwebtoken's aws-lc backend;
-//! 7. the claims ([`claims`]): `exp` (required), `nbf`, `iat` with leeway, `iss` exactly,
+//! 7. the signature, with jsonwebtoken's aws-lc backend;
+//! 8. the claims ([`claims`]): `exp` (required), `nbf`, `iat` with leeway, `iss` exactly,
 //!    `aud`, then the required scopes (403).
 //!
 //! A token that is not three dot-separated segments is introspected when
 //! `inbound.introspection` is configured, and malformed otherwise.
+//!
+//! An acceptance ([`Principal`]) says how long it may be relied on without validating again
+//! (`trusted_until`: what a remembered decision would live) and in which key epoch it was
+//! made; the exchanged-token cache keeps both with each entry, which is how exchange mode
+//! serves a token seen before in one lookup ([`Timing::remember_accepted`]).
 //!
 //! Background work ([`Validator::start`]): discovery (unless `jwks_uri` and the introspection
 //! endpoint are configured), retried with backoff; the JWKS, loaded as soon as its URL is
