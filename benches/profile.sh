@@ -121,7 +121,6 @@ steps = [
     ("access log line (`AccessLog::drop`: format + buffer)", "AccessLog as core::ops::drop::Drop>::drop"),
     ("`exchange::Exchanger::key` (SHA-256 over parameters and token)", "exchange::cache::KeyDeriver::key"),
     ("  of which SHA-256 (AVX code under valgrind)", "sha256_block_data_order"),
-    ("`exchange::Exchanger::cached` (one moka lookup)", "exchange::Exchanger::cached::{{closure}}"),
     ("`proxy::bearer_token`", "proxy::bearer_token"),
     ("`proxy::headers::prepare_request`", "proxy::headers::prepare_request"),
     ("`proxy::headers::strip_hop_by_hop` (request and response)", "proxy::headers::strip_hop_by_hop"),

@@ -303,6 +303,24 @@ impl Validator {
         self.cache.clear();
     }
 
+    /// Remembers `principal`, this validator's acceptance of `token`, in the decision cache
+    /// for as long as it is trusted, when [`Timing::remember_accepted`] left it out: exchange
+    /// mode calls this when the token's exchange failed, so that retries while the IdP is
+    /// down or refusing cost a lookup rather than a signature check. An acceptance from an
+    /// older key epoch is not kept.
+    pub async fn remember(&self, token: &str, principal: &Principal) {
+        let Some(until) = principal.trusted_until else {
+            return;
+        };
+        let ttl = until.saturating_duration_since(tokio::time::Instant::now());
+        if ttl.is_zero() || principal.key_epoch != self.key_epoch() {
+            return;
+        }
+        self.cache
+            .insert(cache::digest(token), Ok(principal.clone()), ttl)
+            .await;
+    }
+
     /// Number of cached decisions (for a gauge).
     pub fn cached_decisions(&self) -> u64 {
         self.cache.len()

@@ -244,6 +244,43 @@ async fn without_remember_accepted_only_refusals_are_remembered() {
 }
 
 #[tokio::test]
+async fn an_acceptance_is_remembered_on_request_unless_its_epoch_has_passed() {
+    let idp = IdpClient::new(&IdpTls {
+        ca_file: None,
+        allow_plain_http: false,
+    })
+    .expect("client");
+    let timing = Timing {
+        remember_accepted: false,
+        ..Timing::default()
+    };
+    let v = Validator::with_timing(&inbound(&[]), idp, Arc::default(), Arc::default(), timing);
+    let (set, _) = KeySet::from_document(&JwkSetDocument {
+        keys: vec![rsa_jwk("rsa-1")],
+    });
+    v.refresh_keys(async { Some((set, None)) }).await;
+    let token = mint(&rs256(), &claims());
+    let p = v.validate(&token).await.expect("valid");
+    assert!(v.cache.get(&cache::digest(&token), now()).await.is_none());
+    v.remember(&token, &p).await;
+    assert_eq!(
+        v.cache.get(&cache::digest(&token), now()).await,
+        Some(Ok(p.clone()))
+    );
+
+    let other = mint(&rs256(), &claims());
+    let q = v.validate(&other).await.expect("valid");
+    v.forget_decisions();
+    v.remember(&other, &q).await;
+    v.cache.run_pending_tasks().await;
+    assert_eq!(
+        v.cache.len(),
+        0,
+        "an acceptance from before a withdrawal is not kept"
+    );
+}
+
+#[tokio::test]
 async fn expired_token_is_refused_and_not_cached() {
     let v = validator();
     let mut c = claims();

@@ -188,9 +188,14 @@ async fn authorize(
         .await
         .map_err(Denial::Inbound)?;
     log.sub.clone_from(&principal.sub);
-    let exchanged = Box::pin(exchanger.exchange_keyed(token, &key, &principal))
-        .await
-        .map_err(Denial::Exchange)?;
+    let exchanged = match Box::pin(exchanger.exchange_keyed(token, &key, &principal)).await {
+        Ok(exchanged) => exchanged,
+        Err(e) => {
+            // No entry carries the acceptance now: keep it where retries will find it.
+            state.validator.remember(token, &principal).await;
+            return Err(Denial::Exchange(e));
+        }
+    };
     log.cache = Some(exchanged.cache.as_str());
     Ok(exchanged.authorization)
 }
