@@ -115,52 +115,63 @@ pub fn access(r: &AccessRecord<'_>) {
     }
 }
 
+/// One value of an access line.
+enum Field<'a> {
+    /// Written as it is in text lines (values the proxy chose, or parsed from the request line).
+    Plain(&'a str),
+    /// From a token: debug-quoted in text lines, so that it cannot forge a line break.
+    Untrusted(&'a str),
+    Uint(u64),
+    Millis(Duration),
+}
+
 /// Appends the access line for `r`, stamped `ts`, to `line`. Numbers are written by hand:
 /// this runs once per request, and `fmt` machinery costs several times more.
 pub fn format_access(format: LogFormat, ts: &Timestamp, r: &AccessRecord<'_>, line: &mut Vec<u8>) {
+    let fields = [
+        ("method", Field::Plain(r.method)),
+        ("path", Field::Plain(r.path)),
+        ("status", Field::Uint(u64::from(r.status))),
+        ("duration_ms", Field::Millis(r.duration)),
+        ("bytes", Field::Uint(r.bytes)),
+        ("outcome", Field::Plain(r.outcome)),
+        ("cache", Field::Plain(r.cache)),
+        ("sub", Field::Untrusted(r.sub)),
+        ("body", Field::Plain(r.body)),
+    ];
     match format {
         LogFormat::Json => {
             line.extend_from_slice(b"{\"timestamp\":\"");
             ts.write(line);
-            line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":");
-            json_str(line, r.method);
-            line.extend_from_slice(b",\"path\":");
-            json_str(line, r.path);
-            line.extend_from_slice(b",\"status\":");
-            push_uint(line, u64::from(r.status));
-            line.extend_from_slice(b",\"duration_ms\":");
-            push_millis(line, r.duration);
-            line.extend_from_slice(b",\"bytes\":");
-            push_uint(line, r.bytes);
-            line.extend_from_slice(b",\"outcome\":");
-            json_str(line, r.outcome);
-            line.extend_from_slice(b",\"cache\":");
-            json_str(line, r.cache);
-            line.extend_from_slice(b",\"sub\":");
-            json_str(line, r.sub);
-            line.extend_from_slice(b",\"body\":");
-            json_str(line, r.body);
+            line.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\"");
+            for (name, value) in &fields {
+                line.extend_from_slice(b",\"");
+                line.extend_from_slice(name.as_bytes());
+                line.extend_from_slice(b"\":");
+                match value {
+                    Field::Plain(s) | Field::Untrusted(s) => json_str(line, s),
+                    Field::Uint(n) => push_uint(line, *n),
+                    Field::Millis(d) => push_millis(line, *d),
+                }
+            }
             line.extend_from_slice(b",\"target\":\"access\"}\n");
         }
         LogFormat::Text => {
             ts.write(line);
-            line.extend_from_slice(b"  INFO access: request method=");
-            line.extend_from_slice(r.method.as_bytes());
-            line.extend_from_slice(b" path=");
-            line.extend_from_slice(r.path.as_bytes());
-            line.extend_from_slice(b" status=");
-            push_uint(line, u64::from(r.status));
-            line.extend_from_slice(b" duration_ms=");
-            push_millis(line, r.duration);
-            line.extend_from_slice(b" bytes=");
-            push_uint(line, r.bytes);
-            line.extend_from_slice(b" outcome=");
-            line.extend_from_slice(r.outcome.as_bytes());
-            line.extend_from_slice(b" cache=");
-            line.extend_from_slice(r.cache.as_bytes());
-            // `sub` comes from a token: debug-quoted so that it cannot forge a line break.
-            let _ = write!(line, " sub={:?} body=", r.sub);
-            line.extend_from_slice(r.body.as_bytes());
+            line.extend_from_slice(b"  INFO access: request");
+            for (name, value) in &fields {
+                line.push(b' ');
+                line.extend_from_slice(name.as_bytes());
+                line.push(b'=');
+                match value {
+                    Field::Plain(s) => line.extend_from_slice(s.as_bytes()),
+                    Field::Untrusted(s) => {
+                        let _ = write!(line, "{s:?}");
+                    }
+                    Field::Uint(n) => push_uint(line, *n),
+                    Field::Millis(d) => push_millis(line, *d),
+                }
+            }
             line.push(b'\n');
         }
     }
@@ -362,14 +373,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn json_access_lines_are_json_with_every_field() {
+    /// The line for [`record`] at 2026-11-27T00:00:00.000005Z.
+    fn line(format: LogFormat) -> Vec<u8> {
         let ts = Timestamp {
             secs: 1_795_737_600,
             micros: 5,
         };
         let mut out = Vec::new();
-        format_access(LogFormat::Json, &ts, &record(), &mut out);
+        format_access(format, &ts, &record(), &mut out);
+        out
+    }
+
+    #[test]
+    fn json_access_lines_are_json_with_every_field() {
+        let out = line(LogFormat::Json);
         assert_eq!(out.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["timestamp"], "2026-11-27T00:00:00.000005Z");
@@ -383,13 +400,7 @@ mod tests {
 
     #[test]
     fn text_access_lines_stay_on_one_line() {
-        let ts = Timestamp {
-            secs: 1_795_737_600,
-            micros: 5,
-        };
-        let mut out = Vec::new();
-        format_access(LogFormat::Text, &ts, &record(), &mut out);
-        let text = String::from_utf8(out).expect("utf8");
+        let text = String::from_utf8(line(LogFormat::Text)).expect("utf8");
         assert_eq!(
             text,
             "2026-11-27T00:00:00.000005Z  INFO access: request method=POST path=/mcp status=200 duration_ms=1.500 bytes=42 outcome=forwarded cache=hit sub=\"alice\\nINFO forged\" body=complete\n"

@@ -212,8 +212,8 @@ async fn a_decision_from_an_older_key_epoch_is_not_served() {
     assert_eq!(reason(v.validate(&token).await).0, RejectReason::UnknownKey);
 }
 
-#[tokio::test]
-async fn without_remember_accepted_only_refusals_are_remembered() {
+/// A validator as exchange mode builds it (accepted JWTs not remembered), with the RSA key.
+async fn exchange_mode_validator() -> Validator {
     let idp = IdpClient::new(&IdpTls {
         ca_file: None,
         allow_plain_http: false,
@@ -228,6 +228,12 @@ async fn without_remember_accepted_only_refusals_are_remembered() {
         keys: vec![rsa_jwk("rsa-1")],
     });
     v.refresh_keys(async { Some((set, None)) }).await;
+    v
+}
+
+#[tokio::test]
+async fn without_remember_accepted_only_refusals_are_remembered() {
+    let v = exchange_mode_validator().await;
     let good = mint(&rs256(), &claims());
     let p = v.validate(&good).await.expect("valid");
     assert!(
@@ -245,20 +251,7 @@ async fn without_remember_accepted_only_refusals_are_remembered() {
 
 #[tokio::test]
 async fn an_acceptance_is_remembered_on_request_unless_its_epoch_has_passed() {
-    let idp = IdpClient::new(&IdpTls {
-        ca_file: None,
-        allow_plain_http: false,
-    })
-    .expect("client");
-    let timing = Timing {
-        remember_accepted: false,
-        ..Timing::default()
-    };
-    let v = Validator::with_timing(&inbound(&[]), idp, Arc::default(), Arc::default(), timing);
-    let (set, _) = KeySet::from_document(&JwkSetDocument {
-        keys: vec![rsa_jwk("rsa-1")],
-    });
-    v.refresh_keys(async { Some((set, None)) }).await;
+    let v = exchange_mode_validator().await;
     let token = mint(&rs256(), &claims());
     let p = v.validate(&token).await.expect("valid");
     assert!(v.cache.get(&cache::digest(&token), now()).await.is_none());
