@@ -10,7 +10,7 @@
 # Caveats: kernel time (the socket system calls, about half of the CPU time on loopback) is
 # not counted; under valgrind, aws-lc cannot use the CPU's SHA extensions and falls back to
 # its AVX code, so SHA-256 is over-represented (compare with `cargo bench --bench hot_path`,
-# token_digest_sha256). Needs valgrind (`apt-get install valgrind`).
+# exchange/cache_key). Needs valgrind (`apt-get install valgrind`).
 #
 # Knobs: BENCH_PROFILE_REQUESTS (2000), BENCH_SKIP_BUILD=1, BENCH_KEEP=1 (keep the callgrind
 # files in the scratch directory for callgrind_annotate).

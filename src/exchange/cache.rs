@@ -261,7 +261,7 @@ impl CachedToken {
 
     /// Whether the acceptance it rests on still holds at `now` in key epoch `epoch`.
     pub(crate) fn is_trusted(&self, now: Instant, epoch: u64) -> bool {
-        self.key_epoch == epoch && self.trusted_until.is_some_and(|t| now < t)
+        crate::inbound::acceptance_holds(self.trusted_until, self.key_epoch, now, epoch)
     }
 }
 

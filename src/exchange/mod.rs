@@ -331,9 +331,7 @@ impl Exchanger {
                         .insert(key, entry.retrusted(principal, now))
                         .await;
                 }
-                let mut hit = Exchanged::from_entry(entry, CacheStatus::Hit);
-                hit.sub.clone_from(&principal.sub);
-                return Ok(hit);
+                return Ok(Exchanged::from_entry(entry, CacheStatus::Hit));
             }
             self.evict_if_stale(key).await;
         }

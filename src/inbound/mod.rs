@@ -106,8 +106,19 @@ pub struct Principal {
 impl Principal {
     /// Whether the acceptance still holds at `now` in key epoch `epoch`.
     pub fn trusted(&self, now: tokio::time::Instant, epoch: u64) -> bool {
-        self.key_epoch == epoch && self.trusted_until.is_some_and(|t| now < t)
+        acceptance_holds(self.trusted_until, self.key_epoch, now, epoch)
     }
+}
+
+/// Whether an acceptance trusted until `until` (`None`: not beyond its request), made in key
+/// epoch `made_in`, still holds at `now` in key epoch `epoch`.
+pub fn acceptance_holds(
+    until: Option<tokio::time::Instant>,
+    made_in: u64,
+    now: tokio::time::Instant,
+    epoch: u64,
+) -> bool {
+    made_in == epoch && until.is_some_and(|t| now < t)
 }
 
 /// Why a request's token was not accepted.
