@@ -14,9 +14,9 @@
 //! `cache.expiry_margin` before that end ([`serve_window`]). An exchange whose window is empty
 //! is used for the request (and any requests coalesced onto it) but not kept.
 //!
-//! **Clocks.** moka expires entries by its own clock; the entry also carries its deadline as a
-//! [`tokio::time::Instant`], checked on every read, so that what is served follows the tokio
-//! clock (which tests pause and advance).
+//! **Clocks.** An entry carries its deadline as a [`tokio::time::Instant`], checked on every
+//! read and by the store's purge (`store`), so what is served follows the tokio clock (which
+//! tests pause and advance).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -86,7 +86,9 @@ impl KeyDeriver {
         Self { prefix: out }
     }
 
-    /// The key for a subject token under these parameters.
+    /// The key for a subject token under these parameters. Kept out of line (one call per
+    /// request) so that profiles name it (`benches/profile.sh`).
+    #[inline(never)]
     pub(crate) fn key(&self, subject: &[u8]) -> CacheKey {
         let hash = |input: &[u8]| {
             let mut key = [0u8; 32];
@@ -211,8 +213,6 @@ pub(crate) struct CachedToken {
     pub(crate) authorization: HeaderValue,
     /// Served while `now < serve_until` (tokio clock).
     pub(crate) serve_until: Instant,
-    /// `serve_until - insertion time`: what moka is told, by its own clock.
-    pub(crate) ttl: Duration,
     /// The subject token's `sub`, for the access log of requests served from this entry.
     pub(crate) sub: Option<Arc<str>>,
     /// The subject token's acceptance ([`Principal::trusted_until`]): while it holds, a
@@ -229,7 +229,6 @@ impl CachedToken {
         Self {
             authorization,
             serve_until: now + window,
-            ttl: window,
             sub: None,
             trusted_until: None,
             key_epoch: 0,
@@ -246,12 +245,9 @@ impl CachedToken {
         }
     }
 
-    /// The same entry resting on a newer acceptance, told to moka with the time it has left.
-    pub(crate) fn retrusted(&self, principal: &Principal, now: Instant) -> Self {
-        Self {
-            ttl: self.serve_until.saturating_duration_since(now),
-            ..self.clone().resting_on(principal)
-        }
+    /// The same entry resting on a newer acceptance.
+    pub(crate) fn retrusted(&self, principal: &Principal) -> Self {
+        self.clone().resting_on(principal)
     }
 
     /// Whether the entry may still be served at `now`.
@@ -262,30 +258,6 @@ impl CachedToken {
     /// Whether the acceptance it rests on still holds at `now` in key epoch `epoch`.
     pub(crate) fn is_trusted(&self, now: Instant, epoch: u64) -> bool {
         crate::inbound::acceptance_holds(self.trusted_until, self.key_epoch, now, epoch)
-    }
-}
-
-/// Tells moka each entry's own time to live.
-pub(crate) struct EntryExpiry;
-
-impl moka::Expiry<CacheKey, CachedToken> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &CachedToken,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &CachedToken,
-        _updated_at: std::time::Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.ttl)
     }
 }
 

@@ -33,14 +33,14 @@ mod cache;
 pub mod client_auth;
 pub mod request;
 pub mod response;
+mod store;
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
-use moka::ops::compute::Op;
 use tokio::time::Instant;
 use url::Url;
 
@@ -53,11 +53,12 @@ use crate::readiness::Readiness;
 use breaker::Breaker;
 pub use breaker::{BreakerSettings, BreakerState};
 pub use cache::CacheKey;
-use cache::{CachedToken, EntryExpiry, KeyDeriver, KeyHasherBuilder};
+use cache::{CachedToken, KeyDeriver};
 use client_auth::ClientAuthenticator;
 pub use client_auth::CredentialError;
 use request::FormTemplate;
 use response::{Refusal, Unusable};
+use store::Store;
 
 /// The `/readyz` item pending until the token endpoint is known.
 pub const READINESS_ITEM: &str = "token_endpoint";
@@ -65,6 +66,17 @@ pub const READINESS_ITEM: &str = "token_endpoint";
 pub const DISCOVERY_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between discovery attempts: an IdP that comes up is noticed within this.
 pub const DISCOVERY_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How often expired cache entries are dropped: often enough that a burst of one-off tokens
+/// gives its memory back within seconds of expiring, rarely enough to cost nothing.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(10);
+
+// How a caller's exchange was answered, as recorded from inside a flight.
+/// Another caller's flight gave the result.
+const COALESCED: u8 = 0;
+/// This caller's flight found an entry a flight just before it had left.
+const FOUND: u8 = 1;
+/// This caller's flight called the IdP.
+const CALLED: u8 = 2;
 
 /// Where an exchanged token came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +171,7 @@ impl Default for ExchangerOptions {
 
 /// Exchanges subject tokens, with a cache.
 pub struct Exchanger {
-    cache: moka::future::Cache<CacheKey, CachedToken, KeyHasherBuilder>,
+    cache: Store,
     keys: KeyDeriver,
     form: FormTemplate,
     auth: ClientAuthenticator,
@@ -183,7 +195,7 @@ impl fmt::Debug for Exchanger {
         f.debug_struct("Exchanger")
             .field("token_endpoint", &self.endpoint.get().map(Url::as_str))
             .field("auth", &self.auth)
-            .field("entries", &self.cache.entry_count())
+            .field("entries", &self.cache.len())
             .field("breaker", &self.breaker.state())
             .finish_non_exhaustive()
     }
@@ -227,10 +239,7 @@ impl Exchanger {
             None => readiness.pending(READINESS_ITEM),
         }
         Ok(Self {
-            cache: moka::future::Cache::builder()
-                .max_capacity(cache.max_entries)
-                .expire_after(EntryExpiry)
-                .build_with_hasher(KeyHasherBuilder::new()),
+            cache: Store::new(cache.max_entries),
             keys: KeyDeriver::new(config),
             form: FormTemplate::new(config),
             auth,
@@ -249,9 +258,11 @@ impl Exchanger {
         })
     }
 
-    /// Starts background work: discovery of the token endpoint when none is configured,
-    /// retried with exponential backoff until it succeeds.
+    /// Starts background work: the periodic purge of expired cache entries, and discovery of
+    /// the token endpoint when none is configured, retried with exponential backoff until it
+    /// succeeds. Both end when the exchanger is dropped.
     pub fn start(self: &Arc<Self>) {
+        tokio::spawn(purge_periodically(Arc::downgrade(self)));
         if self.endpoint.get().is_some() {
             return;
         }
@@ -299,8 +310,8 @@ impl Exchanger {
     /// the entry rests on holds: not past its [`Principal::trusted_until`] and made in the
     /// validator's current `key_epoch` ([`crate::inbound::Validator::key_epoch`]). `None`:
     /// validate the token, then call [`Exchanger::exchange_keyed`].
-    pub async fn cached(&self, key: &CacheKey, key_epoch: u64) -> Option<Exchanged> {
-        let entry = self.cache.get(key).await?;
+    pub fn cached(&self, key: &CacheKey, key_epoch: u64) -> Option<Exchanged> {
+        let entry = self.cache.get(key)?;
         let now = Instant::now();
         if !(entry.is_servable(now) && entry.is_trusted(now, key_epoch)) {
             return None;
@@ -320,64 +331,78 @@ impl Exchanger {
         principal: &Principal,
     ) -> Result<Exchanged, ExchangeError> {
         let key = *key;
-        if let Some(entry) = self.cache.get(&key).await {
-            let now = Instant::now();
-            if entry.is_servable(now) {
-                Metrics::inc(&self.metrics.cache_hits);
-                if !entry.is_trusted(now, principal.key_epoch)
-                    && principal.trusted(now, principal.key_epoch)
+        if let Some(hit) = self.serve_cached(&key, principal) {
+            return Ok(hit);
+        }
+
+        // Single flight: every caller for this key waits on one flight; the first runs the
+        // exchange in it and the others get its result (a failure included) without calling.
+        let flight = self.cache.flight(key);
+        let how = AtomicU8::new(COALESCED);
+        let result = flight
+            .get_or_init(|| async {
+                // A flight that finished between the lookup above and joining this one has
+                // left its entry behind.
+                if let Some(entry) = self.cache.get(&key)
+                    && entry.is_servable(Instant::now())
                 {
-                    self.cache
-                        .insert(key, entry.retrusted(principal, now))
-                        .await;
+                    how.store(FOUND, Ordering::Relaxed);
+                    return Ok(entry);
                 }
-                return Ok(Exchanged::from_entry(entry, CacheStatus::Hit));
-            }
-            self.evict_if_stale(key).await;
-        }
-
-        // Single flight: moka runs one `init` per key; concurrent callers wait for its result
-        // (a failure included) without polling their own.
-        let called = AtomicBool::new(false);
-        let init = async {
-            called.store(true, Ordering::Relaxed);
-            self.call_idp(subject, principal).await
-        };
-        let result = self.cache.entry(key).or_try_insert_with(init).await;
-        let status = if called.load(Ordering::Relaxed) {
-            Metrics::inc(&self.metrics.cache_misses);
-            CacheStatus::Miss
-        } else {
-            Metrics::inc(&self.metrics.cache_coalesced);
-            CacheStatus::Coalesced
-        };
-        match result {
-            Ok(entry) => Ok(Exchanged::from_entry(entry.into_value(), status)),
-            Err(e) => Err(ExchangeError::clone(&e)),
-        }
-    }
-
-    /// Entries currently cached (approximate until [`Exchanger::sync`]).
-    pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
-    }
-
-    /// Runs the cache's pending maintenance (expiry, eviction, counts) now.
-    pub async fn sync(&self) {
-        self.cache.run_pending_tasks().await;
-    }
-
-    /// Removes the entry for `key` if it is still one that may not be served (moka's clock
-    /// has not expired it yet); a fresh entry put there meanwhile is kept.
-    async fn evict_if_stale(&self, key: CacheKey) {
-        let now = Instant::now();
-        self.cache
-            .entry(key)
-            .and_compute_with(|e| {
-                let stale = e.is_some_and(|e| !e.value().is_servable(now));
-                std::future::ready(if stale { Op::Remove } else { Op::Nop })
+                how.store(CALLED, Ordering::Relaxed);
+                let outcome = self.call_idp(subject, principal).await;
+                if let Ok(entry) = &outcome {
+                    self.cache.insert(key, entry.clone(), Instant::now());
+                }
+                outcome
             })
-            .await;
+            .await
+            .clone();
+        drop(flight);
+        let status = match how.load(Ordering::Relaxed) {
+            CALLED => {
+                Metrics::inc(&self.metrics.cache_misses);
+                CacheStatus::Miss
+            }
+            FOUND => {
+                Metrics::inc(&self.metrics.cache_hits);
+                CacheStatus::Hit
+            }
+            _ => {
+                Metrics::inc(&self.metrics.cache_coalesced);
+                CacheStatus::Coalesced
+            }
+        };
+        result.map(|entry| Exchanged::from_entry(entry, status))
+    }
+
+    /// A cached exchange for `key` that may be served, renewed with `principal`'s acceptance
+    /// if the one it rested on had lapsed; a stale entry found on the way is removed.
+    fn serve_cached(&self, key: &CacheKey, principal: &Principal) -> Option<Exchanged> {
+        let entry = self.cache.get(key)?;
+        let now = Instant::now();
+        if !entry.is_servable(now) {
+            // Unless a fresh entry was put there meanwhile.
+            self.cache.remove_if(key, |e| !e.is_servable(now));
+            return None;
+        }
+        Metrics::inc(&self.metrics.cache_hits);
+        if !entry.is_trusted(now, principal.key_epoch)
+            && principal.trusted(now, principal.key_epoch)
+        {
+            self.cache.insert(*key, entry.retrusted(principal), now);
+        }
+        Some(Exchanged::from_entry(entry, CacheStatus::Hit))
+    }
+
+    /// Entries currently cached (expired ones not yet purged included).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.len() as u64
+    }
+
+    /// Drops expired cache entries now (also done every [`PURGE_INTERVAL`]).
+    pub async fn sync(&self) {
+        self.cache.purge_expired(Instant::now());
     }
 
     /// One call to the token endpoint, with its metrics, logs and breaker bookkeeping.
@@ -550,6 +575,20 @@ fn causes(e: &dyn std::error::Error) -> String {
 
 /// Discovers the token endpoint of the exchanger's issuer, retrying with exponential backoff;
 /// stops when it is known or the exchanger is gone.
+/// Drops expired cache entries every [`PURGE_INTERVAL`] while the exchanger lives.
+async fn purge_periodically(exchanger: Weak<Exchanger>) {
+    let mut ticks = tokio::time::interval(PURGE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let Some(this) = exchanger.upgrade() else {
+            return;
+        };
+        this.cache.purge_expired(Instant::now());
+    }
+}
+
 async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) {
     let mut wait = first_wait;
     loop {

@@ -177,7 +177,7 @@ async fn authorize(
     };
     // One SHA-256 over the exchange parameters and the token: the key of its cache entry.
     let key = exchanger.key(token);
-    if let Some(hit) = exchanger.cached(&key, state.validator.key_epoch()).await {
+    if let Some(hit) = exchanger.cached(&key, state.validator.key_epoch()) {
         log.sub = hit.sub;
         log.cache = Some(hit.cache.as_str());
         return Ok(hit.authorization);

@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 
 use token_exchange_proxy::exchange::{
     BreakerSettings, BreakerState, CacheStatus, ExchangeError, Exchanged, Exchanger,
-    ExchangerOptions,
+    ExchangerOptions, PURGE_INTERVAL,
 };
 use token_exchange_proxy::idp::IdpClient;
 use token_exchange_proxy::inbound::Principal;
@@ -271,6 +271,41 @@ async fn the_issued_token_lifetime_bounds_the_entry() {
 }
 
 #[tokio::test]
+async fn expired_entries_are_purged_in_the_background() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup_with(
+        &basic_exchange(&idp, ""),
+        "{max_ttl: 300s, expiry_margin: 15s}",
+        ExchangerOptions::default(),
+    );
+    s.exchanger.start();
+    idp.answer(Answer::issue(20));
+    s.exchanger.exchange("short", None).await.expect("exchange");
+    idp.answer(Answer::issue(300));
+    s.exchanger.exchange("long", None).await.expect("exchange");
+    assert_eq!(s.exchanger.entry_count(), 2);
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(4)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(s.exchanger.entry_count(), 2, "nothing expired yet");
+    // "short" stops being served at 5 s; the purge after that drops it.
+    tokio::time::advance(PURGE_INTERVAL + Duration::from_secs(2)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(s.exchanger.entry_count(), 1, "the expired entry is gone");
+    assert_eq!(
+        s.exchanger
+            .exchange("long", None)
+            .await
+            .expect("exchange")
+            .cache,
+        CacheStatus::Hit
+    );
+}
+
+#[tokio::test]
 async fn a_token_expiring_within_the_margin_is_used_but_not_cached() {
     let idp = TokenEndpoint::start(public_client()).await;
     let s = setup(&idp);
@@ -300,7 +335,7 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
     let s = setup(&idp);
     let ex = &s.exchanger;
     let key = ex.key("subject-a");
-    assert!(ex.cached(&key, 3).await.is_none(), "nothing cached yet");
+    assert!(ex.cached(&key, 3).is_none(), "nothing cached yet");
 
     let accepted = Principal {
         sub: Some("alice".into()),
@@ -313,21 +348,21 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
         .await
         .expect("exchange");
     assert_eq!(first.cache, CacheStatus::Miss);
-    let hit = ex.cached(&key, 3).await.expect("served from the cache");
+    let hit = ex.cached(&key, 3).expect("served from the cache");
     assert_eq!(hit.cache, CacheStatus::Hit);
     assert_eq!(hit.sub.as_deref(), Some("alice"));
     assert_eq!(bearer(&hit), bearer(&first));
     assert!(
-        ex.cached(&key, 4).await.is_none(),
+        ex.cached(&key, 4).is_none(),
         "a key was withdrawn since the acceptance"
     );
     let other = ex.key("subject-b");
-    assert!(ex.cached(&other, 3).await.is_none(), "another token");
+    assert!(ex.cached(&other, 3).is_none(), "another token");
 
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(61)).await;
     assert!(
-        ex.cached(&key, 3).await.is_none(),
+        ex.cached(&key, 3).is_none(),
         "the acceptance lapsed: the token must be validated again"
     );
     // Validated again: the cached exchange is kept and rests on the new acceptance.
@@ -342,7 +377,7 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
         .expect("exchange");
     assert_eq!(again.cache, CacheStatus::Hit);
     assert_eq!(bearer(&again), bearer(&first));
-    let hit = ex.cached(&key, 4).await.expect("served again");
+    let hit = ex.cached(&key, 4).expect("served again");
     assert_eq!(bearer(&hit), bearer(&first));
     tokio::time::resume();
     assert_eq!(idp.calls(), 1);
@@ -358,7 +393,7 @@ async fn an_exchange_without_an_acceptance_is_never_served_by_the_hot_path() {
         .await
         .expect("exchange");
     let key = s.exchanger.key("subject");
-    assert!(s.exchanger.cached(&key, 0).await.is_none());
+    assert!(s.exchanger.cached(&key, 0).is_none());
     assert_eq!(
         s.exchanger
             .exchange("subject", None)
@@ -467,6 +502,67 @@ async fn failures_are_not_cached() {
     idp.answer(Answer::issue(300));
     let e = s.exchanger.exchange("t", None).await.expect("exchange");
     assert_eq!(e.cache, CacheStatus::Miss);
+    assert_eq!(idp.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_shared_by_the_callers_waiting_for_it_then_retried() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    idp.delay(Duration::from_millis(300));
+    idp.answer(Answer::error(400, Some("invalid_grant")));
+    let s = setup(&idp);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let ex = s.exchanger.clone();
+            tokio::spawn(async move { ex.exchange("t", None).await })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(
+            t.await.expect("task").expect_err("rejected"),
+            ExchangeError::SubjectRejected
+        );
+    }
+    assert_eq!(idp.calls(), 1, "one call for 50 concurrent misses");
+
+    idp.delay(Duration::ZERO);
+    idp.answer(Answer::issue(300));
+    let e = s.exchanger.exchange("t", None).await.expect("exchange");
+    assert_eq!(e.cache, CacheStatus::Miss, "the failure was not kept");
+    assert_eq!(idp.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_caller_running_an_exchange_goes_away_a_waiter_runs_it() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    idp.delay(Duration::from_millis(200));
+    let s = setup(&idp);
+    let first = {
+        let ex = s.exchanger.clone();
+        tokio::spawn(async move { ex.exchange("t", None).await })
+    };
+    for _ in 0..200 {
+        if idp.calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(idp.calls(), 1, "the first caller is at the IdP");
+    let waiter = {
+        let ex = s.exchanger.clone();
+        tokio::spawn(async move { ex.exchange("t", None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    first.abort();
+    let e = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter is not left hanging")
+        .expect("task")
+        .expect("exchange");
+    assert_eq!(e.cache, CacheStatus::Miss, "the waiter made its own call");
+    assert_eq!(idp.calls(), 2);
+    let e = s.exchanger.exchange("t", None).await.expect("exchange");
+    assert_eq!(e.cache, CacheStatus::Hit);
     assert_eq!(idp.calls(), 2);
 }
 
