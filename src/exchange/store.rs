@@ -377,6 +377,7 @@ mod tests {
         s.purge_expired(now + Duration::from_secs(30));
         assert!(s.get(&key(1)).is_none());
         assert!(s.get(&key(2)).is_some());
+        assert_eq!(s.len(), 1);
     }
 
     #[tokio::test]
@@ -386,8 +387,10 @@ mod tests {
         s.insert(key(1), entry(60, now), now);
         s.remove_if(&key(1), |_| false);
         assert!(s.get(&key(1)).is_some());
+        assert_eq!(s.len(), 1);
         s.remove_if(&key(1), |e| e.is_servable(now));
         assert!(s.get(&key(1)).is_none());
+        assert_eq!(s.len(), 0, "counted out");
         s.remove_if(&key(2), |_| panic!("no entry, no call"));
     }
 
