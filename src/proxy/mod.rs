@@ -150,7 +150,15 @@ pub async fn handle(
         }
     };
 
-    forward(&state, req, &client, authorization, log).await
+    let Some(upstream_req) = upstream_request(&state, req, &client, authorization) else {
+        log.outcome = "bad_request";
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            error::json_error("invalid_request", "bad request target"),
+            log,
+        );
+    };
+    forward(&state, upstream_req, log).await
 }
 
 /// Extracts and validates the bearer token, then exchanges it (or passes it through).
@@ -192,7 +200,7 @@ async fn authorize(
         Ok(exchanged) => exchanged,
         Err(e) => {
             // No entry carries the acceptance now: keep it where retries will find it.
-            state.validator.remember(token, &principal).await;
+            Box::pin(state.validator.remember(token, &principal)).await;
             return Err(Denial::Exchange(e));
         }
     };
@@ -254,27 +262,19 @@ pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str,
     Ok(token)
 }
 
-/// Sends the request to the backend and streams the response back.
-async fn forward(
+/// The request for the backend: its target on the upstream, with the headers rewritten
+/// (`headers::prepare_request`). `None`: the request target cannot be forwarded.
+fn upstream_request(
     state: &AppState,
     req: Request<Incoming>,
     client: &ClientIp,
     authorization: Option<HeaderValue>,
-    mut log: AccessLog,
-) -> Response<ProxyBody> {
+) -> Option<Request<Incoming>> {
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = match format!("{}{path_and_query}", state.upstream_base).parse() {
-        Ok(u) => u,
-        Err(_) => {
-            log.outcome = "bad_request";
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                error::json_error("invalid_request", "bad request target"),
-                log,
-            );
-        }
-    };
+    let uri: Uri = format!("{}{path_and_query}", state.upstream_base)
+        .parse()
+        .ok()?;
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -292,8 +292,16 @@ async fn forward(
     );
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
+    Some(Request::from_parts(parts, body))
+}
 
+/// Sends the prepared request to the backend and answers with its response, streamed; the
+/// access line is written when that body ends (or at once, for a request that failed).
+async fn forward(
+    state: &AppState,
+    upstream_req: Request<Incoming>,
+    mut log: AccessLog,
+) -> Response<ProxyBody> {
     let timeout = state.config.upstream.response_header_timeout;
     let result = tokio::time::timeout(timeout, state.client.request(upstream_req)).await;
     let kind = match result {
