@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::header;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -221,7 +222,10 @@ async fn serve(
                     ]))
                     .service(tower::service_fn(move |req: http::Request<Incoming>| {
                         let (state, client) = (state.clone(), client.clone());
-                        async move { Ok::<_, Infallible>(proxy::handle(state, req, client).await) }
+                        // `map`, not an `async` block around it: the block would hold the
+                        // request a second time beside the handler's future, and hyper and
+                        // the layers above move this future several times per request.
+                        proxy::handle(state, req, client).map(Ok::<_, Infallible>)
                     }));
                 let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
                 let conn = graceful.watch(conn.into_owned());

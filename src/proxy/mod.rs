@@ -109,56 +109,67 @@ fn is_plain_path(path: &str) -> bool {
 }
 
 /// Handles one request on the proxy listener.
-pub async fn handle(
+///
+/// An `async` block rather than an `async fn`: the future keeps its arguments once, where an
+/// `async fn` keeps them twice (as captured and as moved into its body), and hyper and the
+/// service layers move this future several times per request.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn's future holds its arguments twice"
+)]
+pub fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
     client: ClientIp,
-) -> Response<ProxyBody> {
-    let mut log = AccessLog::new(
-        state.metrics.clone(),
-        req.method().clone(),
-        req.uri().path(),
-    );
-    let path = req.uri().path();
-
-    // A tunnel would carry anything past every rule below.
-    if req.method() == Method::CONNECT {
-        log.outcome = "bad_request";
-        return json_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            error::json_error("invalid_request", "CONNECT is not supported"),
-            log,
+) -> impl Future<Output = Response<ProxyBody>> + Send {
+    async move {
+        let mut log = AccessLog::new(
+            state.metrics.clone(),
+            req.method().clone(),
+            req.uri().path(),
         );
-    }
+        let path = req.uri().path();
 
-    // RFC 9728 metadata: public by definition.
-    if metadata::is_metadata_path(path) && matches!(*req.method(), Method::GET | Method::HEAD) {
-        let origin = metadata::origin(state.config.public_url.as_ref(), req.headers(), req.uri());
-        let doc = metadata::document(&state.config.protected_resource, &origin, path);
-        log.outcome = "metadata";
-        return json_response(StatusCode::OK, doc.to_string(), log);
-    }
-
-    // Authenticate unless the path is public.
-    let authorization = if state.is_public(path) {
-        log.outcome = "public";
-        None
-    } else {
-        match authorize(&state, &req, &mut log).await {
-            Ok(value) => Some(value),
-            Err(denial) => return deny(&state, &req, &denial, log),
+        // A tunnel would carry anything past every rule below.
+        if req.method() == Method::CONNECT {
+            log.outcome = "bad_request";
+            return json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                error::json_error("invalid_request", "CONNECT is not supported"),
+                log,
+            );
         }
-    };
 
-    let Some(upstream_req) = upstream_request(&state, req, &client, authorization) else {
-        log.outcome = "bad_request";
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            error::json_error("invalid_request", "bad request target"),
-            log,
-        );
-    };
-    forward(&state, upstream_req, log).await
+        // RFC 9728 metadata: public by definition.
+        if metadata::is_metadata_path(path) && matches!(*req.method(), Method::GET | Method::HEAD) {
+            let origin =
+                metadata::origin(state.config.public_url.as_ref(), req.headers(), req.uri());
+            let doc = metadata::document(&state.config.protected_resource, &origin, path);
+            log.outcome = "metadata";
+            return json_response(StatusCode::OK, doc.to_string(), log);
+        }
+
+        // Authenticate unless the path is public.
+        let authorization = if state.is_public(path) {
+            log.outcome = "public";
+            None
+        } else {
+            match authorize(&state, &req, &mut log).await {
+                Ok(value) => Some(value),
+                Err(denial) => return deny(&state, &req, &denial, log),
+            }
+        };
+
+        let Some(upstream_req) = upstream_request(&state, req, &client, authorization) else {
+            log.outcome = "bad_request";
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                error::json_error("invalid_request", "bad request target"),
+                log,
+            );
+        };
+        forward(&state, upstream_req, log).await
+    }
 }
 
 /// Extracts and validates the bearer token, then exchanges it (or passes it through).
