@@ -573,8 +573,6 @@ fn causes(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// Discovers the token endpoint of the exchanger's issuer, retrying with exponential backoff;
-/// stops when it is known or the exchanger is gone.
 /// Drops expired cache entries every [`PURGE_INTERVAL`] while the exchanger lives.
 async fn purge_periodically(exchanger: Weak<Exchanger>) {
     let mut ticks = tokio::time::interval(PURGE_INTERVAL);
@@ -589,6 +587,8 @@ async fn purge_periodically(exchanger: Weak<Exchanger>) {
     }
 }
 
+/// Discovers the token endpoint of the exchanger's issuer, retrying with exponential backoff;
+/// stops when it is known or the exchanger is gone.
 async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) {
     let mut wait = first_wait;
     loop {

@@ -125,9 +125,7 @@ impl Store {
     /// Drops the shard's expired entries, or if none, evicts of a few sampled entries (never
     /// `keep`) the one that would stop being served first; returns how many went.
     fn make_room(&self, shard: &mut Shard, now: Instant, keep: Option<&CacheKey>) -> usize {
-        let before = shard.len();
-        shard.retain(|_, e| e.is_servable(now));
-        let mut removed = before - shard.len();
+        let mut removed = self.drop_expired(shard, now);
         if removed == 0 {
             let victim = shard
                 .iter()
@@ -137,9 +135,18 @@ impl Store {
                 .map(|(k, _)| *k);
             if let Some(k) = victim {
                 shard.remove(&k);
+                self.len.fetch_sub(1, Ordering::Relaxed);
                 removed = 1;
             }
         }
+        removed
+    }
+
+    /// Drops the shard's entries not servable at `now`; returns how many went.
+    fn drop_expired(&self, shard: &mut Shard, now: Instant) -> usize {
+        let before = shard.len();
+        shard.retain(|_, e| e.is_servable(now));
+        let removed = before - shard.len();
         self.len.fetch_sub(removed, Ordering::Relaxed);
         removed
     }
@@ -156,10 +163,7 @@ impl Store {
     /// Drops every entry not servable at `now`, one shard at a time.
     pub(crate) fn purge_expired(&self, now: Instant) {
         for shard in &*self.shards {
-            let mut shard = lock(shard);
-            let before = shard.len();
-            shard.retain(|_, e| e.is_servable(now));
-            self.len.fetch_sub(before - shard.len(), Ordering::Relaxed);
+            self.drop_expired(&mut lock(shard), now);
         }
     }
 
