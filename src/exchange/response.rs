@@ -5,10 +5,12 @@
 //! Nothing from the IdP's body reaches the client, and only the `error` code reaches the log,
 //! reduced to `[a-z_]` and truncated (`sanitize_code`).
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 
@@ -18,15 +20,22 @@ pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// The shortest `Retry-After` given (HTTP has whole seconds; zero invites a busy loop).
 pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// The scheme prefix of the header value built from the issued token.
+const BEARER: &str = "Bearer ";
 /// Longest `error` code written to the log.
 const MAX_LOGGED_CODE: usize = 40;
 
 /// RFC 8693 §2.2.1: the response fields the proxy uses.
+/// Strings are borrowed from the body where they have no escapes: the token is then copied
+/// once, into the exact-size header value that the cache keeps.
 #[derive(Deserialize)]
-struct SuccessBody {
-    access_token: Option<String>,
-    token_type: Option<String>,
-    issued_token_type: Option<String>,
+struct SuccessBody<'a> {
+    #[serde(borrow)]
+    access_token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    token_type: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    issued_token_type: Option<Cow<'a, str>>,
     expires_in: Option<serde_json::Value>,
 }
 
@@ -76,7 +85,7 @@ pub(crate) fn parse_success(
     now: SystemTime,
 ) -> Result<Issued, Unusable> {
     // serde_json's errors may quote the body; they are dropped, never logged.
-    let parsed: SuccessBody = serde_json::from_slice(body).map_err(|_| Unusable::NotJson)?;
+    let parsed: SuccessBody<'_> = serde_json::from_slice(body).map_err(|_| Unusable::NotJson)?;
     let token = parsed
         .access_token
         .filter(|t| !t.is_empty())
@@ -105,7 +114,10 @@ pub(crate) fn parse_success(
     if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(Unusable::TokenNotHeaderSafe);
     }
-    let mut authorization = HeaderValue::try_from(format!("Bearer {token}"))
+    let mut value = Vec::with_capacity(BEARER.len() + token.len());
+    value.extend_from_slice(BEARER.as_bytes());
+    value.extend_from_slice(token.as_bytes());
+    let mut authorization = HeaderValue::from_maybe_shared(Bytes::from(value))
         .map_err(|_| Unusable::TokenNotHeaderSafe)?;
     authorization.set_sensitive(true);
     Ok(Issued {
@@ -277,6 +289,23 @@ mod tests {
         assert_eq!(issued.authorization, "Bearer abc.def-_~+/=");
         assert!(issued.authorization.is_sensitive());
         assert_eq!(issued.lifetime, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn json_escapes_in_the_response_are_decoded() {
+        // Some IdPs escape `/` (and may escape anything): the header carries the decoded token,
+        // and the other fields compare decoded too.
+        let issued = parse(
+            r#"{"access_token":"a\/b\u002Ec","token_type":"B\u0065arer","issued_token_type":"urn:ietf:params:oauth:token-type:access\u005ftoken"}"#,
+        )
+        .expect("usable");
+        assert_eq!(issued.authorization, "Bearer a/b.c");
+        assert!(issued.authorization.is_sensitive());
+        assert_eq!(
+            parse(r#"{"access_token":"a\u0020b","token_type":"Bearer"}"#)
+                .expect_err("an escaped space is still a space"),
+            Unusable::TokenNotHeaderSafe
+        );
     }
 
     #[test]
