@@ -55,6 +55,8 @@ STARTUP_RUNS=5
 ENVOY_VERSION=1.40.0
 ENVOY_VENV="$repo/.peers/envoy"
 RESULTS_DIR="${BENCH_RESULTS_DIR:-$repo/benches/results}"
+# The source measured, taken before this run writes its own results into the tree.
+SOURCE_VERSION="$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
 # shellcheck source=benches/lib.sh source-path=SCRIPTDIR/..
 source "$repo/benches/lib.sh"
 
@@ -392,4 +394,4 @@ python3 "$repo/benches/report.py" "$RESULTS" "$RESULTS_DIR" \
   --cpu-model "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
   --nproc "$(nproc)" --kernel "$(uname -sr)" \
   --settings "duration=${DURATION}s reps=$REPS connections=$CONNS rate=$RATE rate_duration=${RATE_DURATION}s hit_tokens=$HIT_TOKENS token_bytes=$TOKEN_BYTES idp_delay=${IDP_DELAY_MS}ms load_cpu=$LOAD_CPU proxy_cpu=$PROXY_CPU envoy=$ENVOY_VERSION" \
-  --proxy-version "$(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
+  --proxy-version "$SOURCE_VERSION"
