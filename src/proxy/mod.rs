@@ -100,11 +100,23 @@ pub fn is_public_path(prefixes: &[String], path: &str) -> bool {
     })
 }
 
+/// Whether `path` means the same to every backend: no form that a server might normalise
+/// into another path. Refused:
+/// - dot segments (`.`, `..`, RFC 3986 §5.2.4) and segments of dots only (`...`);
+/// - `;` anywhere: path parameters (`/health/..;/mcp`) are dropped by Java servlet
+///   containers and some proxies before they resolve `..`, so `..;` walks up a level;
+/// - percent-encoded dots, slashes, backslashes, `;`, `%` itself (double encoding) and NUL;
+/// - backslashes, which some servers read as slashes.
 fn is_plain_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    let tricky = ["%2e", "%2f", "%5c"].iter().any(|t| lower.contains(t))
+    let tricky = ["%2e", "%2f", "%5c", "%3b", "%25", "%00"]
+        .iter()
+        .any(|t| lower.contains(t))
         || path.contains('\\')
-        || path.split('/').any(|seg| seg == "." || seg == "..");
+        || path.contains(';')
+        || path
+            .split('/')
+            .any(|seg| !seg.is_empty() && seg.bytes().all(|b| b == b'.'));
     !tricky
 }
 
@@ -430,9 +442,31 @@ mod tests {
     #[test]
     fn plain_paths_exclude_traversal_tricks() {
         assert!(is_plain_path("/health/live"));
-        assert!(!is_plain_path("/health/../admin"));
-        assert!(!is_plain_path("/health/%2e%2e/admin"));
-        assert!(!is_plain_path("/health%2Fadmin"));
-        assert!(!is_plain_path("/health\\admin"));
+        assert!(is_plain_path("/health/v1.2/x.json"));
+        for tricky in [
+            "/health/../admin",
+            "/health/./admin",
+            "/health/.../admin",
+            "/health/%2e%2e/admin",
+            "/health%2Fadmin",
+            "/health\\admin",
+            "/health/..;/mcp",
+            "/health/..;jsessionid=1/mcp",
+            "/health;x=1/../mcp",
+            "/health/.;/mcp",
+            "/health/%3b/mcp",
+            "/health/%252e%252e/mcp",
+            "/health/%00/mcp",
+        ] {
+            assert!(!is_plain_path(tricky), "{tricky}");
+        }
+    }
+
+    #[test]
+    fn path_parameters_never_make_a_path_public() {
+        let p = vec!["/health".to_string()];
+        assert!(!is_public_path(&p, "/health/..;/mcp"));
+        assert!(!is_public_path(&p, "/health;/mcp"));
+        assert!(!is_public_path(&p, "/health/.;/mcp"));
     }
 }

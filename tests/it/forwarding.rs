@@ -281,9 +281,18 @@ async fn without_a_token_nothing_is_forwarded() {
         );
         assert!(body.contains("\"error\""), "{body}");
     }
-    // Dot segments and encoded dots or slashes never make a path public (a client library
-    // would normalise them away, so send them raw).
-    for raw in ["/health/../mcp", "/health/%2e%2e/mcp", "/health%2fmcp"] {
+    // Dot segments, encoded dots or slashes and path parameters (`..;`, which servlet
+    // containers resolve as `..`) never make a path public (a client library would normalise
+    // some of them away, so send them raw).
+    let raws = [
+        "/health/../mcp",
+        "/health/%2e%2e/mcp",
+        "/health%2fmcp",
+        "/health/..;/mcp",
+        "/health/..;x=1/mcp",
+        "/health;/../mcp",
+    ];
+    for raw in raws {
         let mut s = tokio::net::TcpStream::connect(p.addr)
             .await
             .expect("connect");
@@ -319,11 +328,11 @@ async fn without_a_token_nothing_is_forwarded() {
             "txp_token_rejections_total{reason=\"missing\"}"
         )
         .await,
-        Some(6.0)
+        Some(3.0 + raws.len() as f64)
     );
     assert_eq!(
         metric(p.admin_addr, "txp_requests_total{status=\"401\"}").await,
-        Some(6.0)
+        Some(3.0 + raws.len() as f64)
     );
 }
 
