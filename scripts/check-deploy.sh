@@ -189,7 +189,7 @@ DUR, ANY = "duration", None
 SCHEMA = {
     "listen": ANY, "admin_listen": ANY, "mode": ANY, "public_url": ANY,
     "upstream": {"url": ANY, "connect_timeout": DUR, "response_header_timeout": DUR,
-                 "idle_timeout": DUR, "preserve_host": ANY},
+                 "idle_timeout": DUR, "pool_idle_timeout": DUR, "preserve_host": ANY},
     "inbound": {"issuer": ANY, "discovery_url": ANY, "jwks_uri": ANY, "audiences": ANY,
                 "algorithms": ANY, "leeway": DUR, "required_scopes": ANY,
                 "max_token_bytes": ANY, "public_paths": ANY,

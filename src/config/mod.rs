@@ -29,6 +29,9 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Long enough for a slow tool call to start answering, short enough to free a stuck client.
 pub const DEFAULT_RESPONSE_HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Below the keep-alive timeout of the servers backends run on (uvicorn 5 s, gunicorn 2 s,
+/// Node 5 s), so the proxy closes an idle backend connection before the backend does.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 /// Real access tokens are 1–3 KiB; anything far larger is an attack on the parser.
@@ -118,6 +121,9 @@ pub struct Upstream {
     /// `None` when configured as 0: no limit on silence inside a body.
     #[serde(serialize_with = "ser_opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// How long an idle pooled backend connection is kept; zero: none is kept.
+    #[serde(serialize_with = "ser_duration")]
+    pub pool_idle_timeout: Duration,
     pub preserve_host: bool,
 }
 
@@ -473,6 +479,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         u.idle_timeout.as_deref(),
         Duration::ZERO,
     );
+    let pool_idle_timeout = c.duration(
+        "upstream.pool_idle_timeout",
+        u.pool_idle_timeout.as_deref(),
+        DEFAULT_POOL_IDLE_TIMEOUT,
+    );
 
     // inbound
     let i = &raw.inbound;
@@ -687,6 +698,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             connect_timeout,
             response_header_timeout,
             idle_timeout: (!idle_timeout.is_zero()).then_some(idle_timeout),
+            pool_idle_timeout,
             preserve_host: u.preserve_host.unwrap_or(false),
         },
         inbound: Inbound {

@@ -40,6 +40,7 @@ pub struct RawUpstream {
     pub connect_timeout: Option<String>,
     pub response_header_timeout: Option<String>,
     pub idle_timeout: Option<String>,
+    pub pool_idle_timeout: Option<String>,
     pub preserve_host: Option<bool>,
 }
 

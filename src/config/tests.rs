@@ -47,6 +47,7 @@ fn defaults_apply_when_keys_are_absent() {
     assert_eq!(config.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
     assert_eq!(config.upstream.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
     assert_eq!(config.upstream.idle_timeout, None);
+    assert_eq!(config.upstream.pool_idle_timeout, DEFAULT_POOL_IDLE_TIMEOUT);
     assert_eq!(config.cache.max_ttl, DEFAULT_CACHE_MAX_TTL);
     assert_eq!(config.shutdown.drain_delay, DEFAULT_DRAIN_DELAY);
     assert_eq!(config.log.format, LogFormat::Json);
@@ -176,6 +177,24 @@ fn errors_never_echo_a_secret_looking_value() {
     let err = load_str(&yaml, &Options::default()).expect_err("invalid");
     assert!(!err.to_string().contains(secret), "{err}");
     assert!(keys(&err).contains(&"exchange.client_auth.method"));
+}
+
+#[test]
+fn pool_idle_timeout_is_read_and_zero_is_allowed() {
+    for (value, expected) in [("250ms", Duration::from_millis(250)), ("0", Duration::ZERO)] {
+        let yaml = MINIMAL.replace(
+            "url: 'http://127.0.0.1:8000'",
+            &format!("url: 'http://127.0.0.1:8000', pool_idle_timeout: '{value}'"),
+        );
+        let config = load_str(&yaml, &Options::default()).expect("valid");
+        assert_eq!(config.upstream.pool_idle_timeout, expected, "{value}");
+    }
+    let yaml = MINIMAL.replace(
+        "url: 'http://127.0.0.1:8000'",
+        "url: 'http://127.0.0.1:8000', pool_idle_timeout: soon",
+    );
+    let err = load_str(&yaml, &Options::default()).expect_err("invalid");
+    assert!(keys(&err).contains(&"upstream.pool_idle_timeout"), "{err}");
 }
 
 #[test]

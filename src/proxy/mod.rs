@@ -48,7 +48,7 @@ impl AppState {
         validator: Arc<Validator>,
         exchanger: Option<Arc<Exchanger>>,
     ) -> Self {
-        let client = upstream::client(&config.upstream);
+        let client = upstream::UpstreamClient::new(&config.upstream);
         let authority = match config.upstream.url.port() {
             Some(p) => format!(
                 "{}:{p}",
@@ -326,7 +326,7 @@ async fn forward(
     mut log: AccessLog,
 ) -> Response<ProxyBody> {
     let timeout = state.config.upstream.response_header_timeout;
-    let result = tokio::time::timeout(timeout, state.client.request(upstream_req)).await;
+    let result = tokio::time::timeout(timeout, state.client.send(upstream_req)).await;
     let kind = match result {
         Ok(Ok(mut resp)) => {
             headers::strip_hop_by_hop(resp.headers_mut());

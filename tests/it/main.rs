@@ -7,3 +7,4 @@ mod exchange;
 mod forwarding;
 mod inbound;
 mod shutdown;
+mod upstream_pool;

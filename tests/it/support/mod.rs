@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod issuer;
+pub mod keepalive;
 pub mod token_endpoint;
 
 use std::collections::HashMap;
