@@ -1,7 +1,8 @@
 //! Micro-benchmarks of the per-request work of the proxy, without sockets, for profiling the
 //! cache-hit path: bearer-token extraction, validation of an already-seen token, validation
 //! of a new token (ES256 signature), an exchange served from the cache, the header rewrite,
-//! the access-log line, and all of the cache-hit steps together.
+//! the access-log line, and all of the cache-hit steps together: the request through the
+//! validation and exchange layers in front of a service that answers at once.
 //!
 //! The validator and the exchanger are the real ones, built from a config and talking to the
 //! in-process fake IdP of `benches/support/fake_idp.rs` on 127.0.0.1:0.
@@ -23,12 +24,10 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use tokio::runtime::Runtime;
 
 use token_exchange_proxy::exchange::Exchanger;
-use token_exchange_proxy::idp::IdpClient;
 use token_exchange_proxy::inbound::{self, Validator};
-use token_exchange_proxy::metrics::Metrics;
 use token_exchange_proxy::proxy::{self, headers};
-use token_exchange_proxy::readiness::Readiness;
-use token_exchange_proxy::{config, logging};
+use token_exchange_proxy::{Protection, config, logging};
+use tower::{ServiceBuilder, ServiceExt};
 
 #[allow(dead_code)]
 #[path = "support/fake_idp.rs"]
@@ -41,6 +40,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 struct Fixture {
     rt: Runtime,
     idp: Arc<fake_idp::FakeIdp>,
+    protection: Protection,
     validator: Arc<Validator>,
     exchanger: Arc<Exchanger>,
     max_token_bytes: usize,
@@ -83,43 +83,25 @@ impl Fixture {
         );
         let raw = config::parse_yaml(&yaml).expect("bench config parses");
         let cfg = config::validate(raw).expect("bench config is valid");
-        let exchange_cfg = cfg.exchange.clone().expect("exchange mode");
 
-        let metrics = Arc::new(Metrics::default());
-        let readiness = Arc::new(Readiness::default());
-        let (validator, exchanger) = rt.block_on(async {
-            let client = IdpClient::new(&cfg.idp_tls).expect("IdP client");
-            let validator = Arc::new(Validator::new(
-                &cfg.inbound,
-                client.clone(),
-                metrics.clone(),
-                readiness.clone(),
-            ));
-            validator.start();
-            let exchanger = Arc::new(
-                Exchanger::new(
-                    &exchange_cfg,
-                    &cfg.cache,
-                    client,
-                    metrics.clone(),
-                    readiness.clone(),
-                )
-                .expect("exchanger"),
-            );
-            exchanger.start();
+        let protection = rt.block_on(async {
+            let protection = Protection::start(&cfg).expect("protection");
             let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
-            while readiness.check().is_err() {
+            while protection.readiness.check().is_err() {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "the validator did not become ready"
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (validator, exchanger)
+            protection
         });
+        let validator = protection.validator.clone();
+        let exchanger = protection.exchanger().expect("exchange mode").clone();
         Self {
             rt,
             idp,
+            protection,
             validator,
             exchanger,
             max_token_bytes: cfg.inbound.max_token_bytes,
@@ -173,7 +155,7 @@ fn benches(c: &mut Criterion) {
     assert_eq!(f.idp.token_calls(), 1, "one exchange while warming");
     let epoch = f.validator.key_epoch();
     assert!(
-        f.exchanger.cached(&key, epoch).is_some(),
+        f.rt.block_on(f.exchanger.cached(&key, epoch)).is_some(),
         "the exchange is served from the cache"
     );
 
@@ -183,7 +165,8 @@ fn benches(c: &mut Criterion) {
 
     c.bench_function("bearer_token", |b| {
         b.iter(|| {
-            proxy::bearer_token(std::hint::black_box(&headers_in), f.max_token_bytes).map(str::len)
+            inbound::bearer_token(std::hint::black_box(&headers_in), f.max_token_bytes)
+                .map(str::len)
         })
     });
 
@@ -214,10 +197,11 @@ fn benches(c: &mut Criterion) {
     });
 
     c.bench_function("exchange/cache_hit", |b| {
-        b.iter(|| f.exchanger.cached(std::hint::black_box(&key), epoch))
+        b.iter(|| {
+            f.rt.block_on(f.exchanger.cached(std::hint::black_box(&key), epoch))
+        })
     });
 
-    let authorization = HeaderValue::from_static("Bearer backend-0000000000000000");
     let client_ip = proxy::ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
     c.bench_function("prepare_request", |b| {
         b.iter_batched(
@@ -226,7 +210,6 @@ fn benches(c: &mut Criterion) {
                 let original = h.get(header::HOST).cloned();
                 headers::prepare_request(
                     &mut h,
-                    Some(authorization.clone()),
                     &client_ip,
                     original,
                     "http",
@@ -266,28 +249,43 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    // Everything the proxy does for a cache hit except I/O and the access log: extract,
-    // digest, one lookup of the exchanged token (which carries the acceptance), rewrite the
-    // headers.
+    // Everything the proxy does for a cache hit except I/O and the access log: the request
+    // through the validation and exchange layers (one lookup of the exchanged token, which
+    // carries the acceptance), then the header rewrite, in front of a service that answers
+    // at once.
+    let answer = tower::service_fn(|req: http::Request<()>| async move {
+        Ok::<_, std::convert::Infallible>(http::Response::new(req.headers().len()))
+    });
+    let stack = f.rt.block_on(async {
+        ServiceBuilder::new()
+            .layer(f.protection.bearer_auth())
+            .layer(f.protection.token_exchange().expect("exchange mode"))
+            .map_request(move |mut req: http::Request<()>| {
+                let original = req.headers().get(header::HOST).cloned();
+                headers::prepare_request(
+                    req.headers_mut(),
+                    &client_ip,
+                    original,
+                    "http",
+                    &f.upstream_host,
+                    false,
+                );
+                req
+            })
+            .service(answer)
+    });
     c.bench_function("request_path/cache_hit_no_io", |b| {
         b.iter_batched(
-            || Fixture::request_headers(&token),
-            |mut h| {
+            || {
+                let mut req = http::Request::new(());
+                *req.headers_mut() = Fixture::request_headers(&token);
+                (stack.clone(), req)
+            },
+            |(svc, req)| {
                 f.rt.block_on(async {
-                    let token = proxy::bearer_token(&h, f.max_token_bytes).ok()?;
-                    let key = f.exchanger.key(token);
-                    let x = f.exchanger.cached(&key, f.validator.key_epoch())?;
-                    let original = h.get(header::HOST).cloned();
-                    headers::prepare_request(
-                        &mut h,
-                        Some(x.authorization),
-                        &client_ip,
-                        original,
-                        "http",
-                        &f.upstream_host,
-                        false,
-                    );
-                    Some(h)
+                    let resp = svc.oneshot(req).await.expect("infallible");
+                    assert_eq!(resp.status(), 200);
+                    resp
                 })
             },
             BatchSize::SmallInput,

@@ -2,15 +2,90 @@
 //!
 //! Every variant maps to a status, an OAuth error code and a fixed public description; the
 //! `match` has no catch-all arm, so a new failure cannot slip through unmapped. Bodies are
-//! short fixed JSON: never internal detail, never a token.
+//! short fixed JSON: never internal detail, never a token. The layers of the request path
+//! answer a request they refuse through one [`Responder`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, Uri, header};
+use http_body_util::{Either, Full};
 
 use crate::exchange::ExchangeError;
 use crate::inbound::InboundError;
-use crate::metrics::{RejectReason, UpstreamErrorKind};
+use crate::metadata::Resource;
+use crate::metrics::{Metrics, RejectReason, UpstreamErrorKind};
+
+/// The body of a response that passed a layer: the inner service's, or a short fixed one the
+/// layer wrote itself.
+pub type ResponseBody<B> = Either<B, Full<Bytes>>;
+
+/// What the proxy did with a request, for the access log: a response extension set by the
+/// layer that decided (absent: the request was forwarded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome(pub &'static str);
+
+impl Outcome {
+    /// The backend's response, to a request with a validated token.
+    pub const FORWARDED: Outcome = Outcome("forwarded");
+    /// The backend's response, to a request on a public path.
+    pub const PUBLIC: Outcome = Outcome("public");
+    /// The RFC 9728 metadata document, answered by the proxy.
+    pub const METADATA: Outcome = Outcome("metadata");
+    /// A request the proxy cannot forward (a `CONNECT`, an unusable target).
+    pub const BAD_REQUEST: Outcome = Outcome("bad_request");
+}
+
+/// Answers the requests that a layer refuses: the status, challenge and body of [`reply`],
+/// the `txp_token_rejections_total` count, and the [`Outcome`] for the access log.
+#[derive(Debug, Clone)]
+pub struct Responder {
+    resource: Arc<Resource>,
+    metrics: Arc<Metrics>,
+}
+
+impl Responder {
+    /// A responder whose challenges name `resource`'s metadata, counting into `metrics`.
+    pub fn new(resource: Arc<Resource>, metrics: Arc<Metrics>) -> Self {
+        Self { resource, metrics }
+    }
+
+    /// The response refusing a request (`headers` and `uri` name the resource in the
+    /// challenge).
+    pub fn deny(&self, denial: &Denial, headers: &HeaderMap, uri: &Uri) -> Response<Full<Bytes>> {
+        let reply = reply(denial, &self.resource.metadata_url_for(headers, uri));
+        if let Some(reason) = reply.rejection {
+            self.metrics.token_rejections.inc(reason);
+        }
+        response(&reply)
+    }
+
+    /// A fixed JSON answer of the proxy's own that is not a refusal of the token (e.g. 405
+    /// to `CONNECT`).
+    pub fn plain(
+        status: StatusCode,
+        code: &str,
+        description: &str,
+        outcome: Outcome,
+    ) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from(json_error(code, description))));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.extensions_mut().insert(outcome);
+        resp
+    }
+
+    /// The metrics refusals are counted in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
 
 /// Why the proxy answered a request itself instead of forwarding the backend's response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +238,15 @@ fn sanitize(s: &str) -> String {
 /// `{"error":"…","error_description":"…"}`
 pub fn json_error(code: &str, description: &str) -> String {
     serde_json::json!({ "error": code, "error_description": description }).to_string()
+}
+
+/// The response for `reply`, its [`Outcome`] among its extensions.
+pub fn response(reply: &Reply) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(reply.body.clone())));
+    *resp.status_mut() = reply.status;
+    apply_headers(reply, resp.headers_mut());
+    resp.extensions_mut().insert(Outcome(reply.outcome));
+    resp
 }
 
 /// Sets the headers of `reply` on a response.

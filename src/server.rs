@@ -1,33 +1,26 @@
 //! Wiring: bind the listeners, build the components, serve, drain.
 //!
 //! [`start`] binds both listeners (after the config was validated), builds the validator
-//! and exchanger, and serves; [`Running::shutdown`] runs the drain sequence of SPEC
+//! and exchanger ([`Protection`]) and the request path ([`proxy::layers`]), and serves; [`Running::shutdown`] runs the drain sequence of SPEC
 //! "Shutdown"; [`Running::wait`] resolves when it is over.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-use http::header;
-use hyper::body::Incoming;
+use futures_util::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tower::ServiceBuilder;
-use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
 use crate::admin::{self, AdminState};
-use crate::config::{Config, Mode};
-use crate::exchange::Exchanger;
-use crate::idp::{IdpClient, IdpError};
-use crate::inbound::{self, Validator};
+use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::{self, AppState};
+use crate::protection::{Protection, SetupError};
+use crate::proxy::{self, ClientIp, Forward, Upstream};
 use crate::readiness::Readiness;
 use crate::shutdown::Trigger;
 
@@ -45,9 +38,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Idp(#[from] IdpError),
-    #[error(transparent)]
-    Exchange(#[from] crate::exchange::SetupError),
+    Setup(#[from] SetupError),
 }
 
 /// A started proxy.
@@ -58,7 +49,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    pub state: Arc<AppState>,
+    /// The validator and exchanger behind the layers.
+    pub protection: Protection,
     shutdown: Trigger,
     task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
@@ -95,45 +87,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
 
-    let metrics = Arc::new(Metrics::default());
-    let readiness = Arc::new(Readiness::default());
-    let idp = IdpClient::new(&config.idp_tls)?;
+    let protection = Protection::start(&config)?;
+    let metrics = protection.metrics.clone();
+    let readiness = protection.readiness.clone();
 
-    let timing = inbound::Timing {
-        // In exchange mode the exchanged-token cache entry carries the acceptance.
-        remember_accepted: config.mode != Mode::Exchange,
-        ..inbound::Timing::default()
-    };
-    let validator = Arc::new(Validator::with_timing(
-        &config.inbound,
-        idp.clone(),
-        metrics.clone(),
-        readiness.clone(),
-        timing,
-    ));
-    validator.start();
-    let exchanger = match (&config.mode, &config.exchange) {
-        (Mode::Exchange, Some(ex)) => {
-            let e = Arc::new(Exchanger::new(
-                ex,
-                &config.cache,
-                idp.clone(),
-                metrics.clone(),
-                readiness.clone(),
-            )?);
-            e.start();
-            Some(e)
-        }
-        _ => None,
-    };
-
-    let before_render: Option<Arc<dyn Fn() + Send + Sync>> = exchanger.clone().map(|e| {
+    let before_render: Option<admin::BeforeRender> = protection.exchanger().cloned().map(|e| {
         let metrics = metrics.clone();
-        Arc::new(move || {
-            metrics
-                .cache_entries
-                .store(e.entry_count(), std::sync::atomic::Ordering::Relaxed);
-        }) as Arc<dyn Fn() + Send + Sync>
+        Arc::new(move || -> BoxFuture<'static, ()> {
+            let (e, metrics) = (e.clone(), metrics.clone());
+            Box::pin(async move {
+                e.sync().await;
+                metrics
+                    .cache_entries
+                    .store(e.entry_count(), std::sync::atomic::Ordering::Relaxed);
+            })
+        }) as admin::BeforeRender
     });
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
@@ -144,15 +112,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
     ));
 
-    let shutdown_cfg = config.shutdown.clone();
-    let state = Arc::new(AppState::new(config, metrics.clone(), validator, exchanger));
+    let layers = proxy::layers(&protection, config.upstream.idle_timeout);
+    let upstream = Arc::new(Upstream::new(&config, metrics.clone()));
     let shutdown = Trigger::default();
     let task = tokio::spawn(serve(
         listener,
-        state.clone(),
+        move |peer| layers.service(Forward::new(upstream.clone(), peer)),
         readiness.clone(),
         shutdown.clone(),
-        shutdown_cfg,
+        config.shutdown.clone(),
     ));
 
     Ok(Running {
@@ -160,7 +128,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_addr,
         metrics,
         readiness,
-        state,
+        protection,
         shutdown,
         task,
         admin_task,
@@ -175,13 +143,25 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Accepts connections until the drain delay after the trigger, then waits for in-flight
 /// requests up to `shutdown.timeout`.
-async fn serve(
+async fn serve<M, S, B>(
     listener: TcpListener,
-    state: Arc<AppState>,
+    make_service: M,
     readiness: Arc<Readiness>,
     trigger: Trigger,
     cfg: crate::config::Shutdown,
-) {
+) where
+    M: Fn(ClientIp) -> S,
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -212,21 +192,7 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                let client = proxy::ClientIp::new(remote.ip());
-                let svc = ServiceBuilder::new()
-                    .layer(SetSensitiveRequestHeadersLayer::new([
-                        header::AUTHORIZATION,
-                        header::PROXY_AUTHORIZATION,
-                        header::COOKIE,
-                    ]))
-                    .service(tower::service_fn(move |req: http::Request<Incoming>| {
-                        let (state, client) = (state.clone(), client.clone());
-                        // `map`, not an `async` block around it: the block would hold the
-                        // request a second time beside the handler's future, and hyper and
-                        // the layers above move this future several times per request.
-                        proxy::handle(state, req, client).map(Ok::<_, Infallible>)
-                    }));
+                let svc = make_service(ClientIp::new(remote.ip()));
                 let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {

@@ -16,13 +16,15 @@ use tokio::net::TcpListener;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 
+/// Refreshes gauges that are read from elsewhere (the cache size) before `/metrics` renders.
+pub type BeforeRender = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
-    /// Refreshes gauges that are read from elsewhere (the cache size) before rendering.
-    pub before_render: Option<Arc<dyn Fn() + Send + Sync>>,
+    pub before_render: Option<BeforeRender>,
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
@@ -40,7 +42,7 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, &req)) }
+                async move { Ok::<_, Infallible>(handle(&state, &req).await) }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -49,7 +51,7 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
     }
 }
 
-fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -64,7 +66,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         },
         "/metrics" => {
             if let Some(f) = &state.before_render {
-                f();
+                f().await;
             }
             let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
             resp.headers_mut().insert(

@@ -14,9 +14,9 @@
 //! `cache.expiry_margin` before that end ([`serve_window`]). An exchange whose window is empty
 //! is used for the request (and any requests coalesced onto it) but not kept.
 //!
-//! **Clocks.** An entry carries its deadline as a [`tokio::time::Instant`], checked on every
-//! read and by the store's purge (`store`), so what is served follows the tokio clock (which
-//! tests pause and advance).
+//! **Clocks.** An entry carries its deadlines as [`tokio::time::Instant`]s, checked on every
+//! read, so what is served follows the tokio clock (which tests pause and advance); the store
+//! lets an entry go at the end of its lifetime (`store`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -213,8 +213,13 @@ pub(crate) struct CachedToken {
     pub(crate) authorization: HeaderValue,
     /// Served while `now < serve_until` (tokio clock).
     pub(crate) serve_until: Instant,
+    /// The end of the entry's lifetime (the earliest of the issued token's, the subject
+    /// token's and `cache.max_ttl`'s end): the store lets it go then.
+    pub(crate) lifetime_end: Instant,
     /// The subject token's `sub`, for the access log of requests served from this entry.
     pub(crate) sub: Option<Arc<str>>,
+    /// The subject token's `exp` (seconds since the Unix epoch).
+    pub(crate) subject_expires_at: Option<u64>,
     /// The subject token's acceptance ([`Principal::trusted_until`]): while it holds, a
     /// request with the same token is served without validating the token again.
     pub(crate) trusted_until: Option<Instant>,
@@ -223,22 +228,30 @@ pub(crate) struct CachedToken {
 }
 
 impl CachedToken {
-    /// An entry usable for `window` from `now` (zero: for the current request only), resting
-    /// on no validation yet (see [`CachedToken::resting_on`]).
-    pub(crate) fn new(authorization: HeaderValue, window: Duration, now: Instant) -> Self {
+    /// An entry served for `window` from `now` (zero: for the current request only) and
+    /// kept for `lifetime`, resting on no validation yet (see [`CachedToken::resting_on`]).
+    pub(crate) fn new(
+        authorization: HeaderValue,
+        window: Duration,
+        lifetime: Duration,
+        now: Instant,
+    ) -> Self {
         Self {
             authorization,
             serve_until: now + window,
+            lifetime_end: now + lifetime.max(window),
             sub: None,
+            subject_expires_at: None,
             trusted_until: None,
             key_epoch: 0,
         }
     }
 
-    /// The entry resting on `principal`'s acceptance (its `sub`, trust and key epoch).
+    /// The entry resting on `principal`'s acceptance (its `sub`, `exp`, trust and key epoch).
     pub(crate) fn resting_on(self, principal: &Principal) -> Self {
         Self {
             sub: principal.sub.clone(),
+            subject_expires_at: principal.expires_at,
             trusted_until: principal.trusted_until,
             key_epoch: principal.key_epoch,
             ..self
@@ -258,6 +271,16 @@ impl CachedToken {
     /// Whether the acceptance it rests on still holds at `now` in key epoch `epoch`.
     pub(crate) fn is_trusted(&self, now: Instant, epoch: u64) -> bool {
         crate::inbound::acceptance_holds(self.trusted_until, self.key_epoch, now, epoch)
+    }
+
+    /// The acceptance this entry rests on, as the validator would have made it.
+    pub(crate) fn principal(&self) -> Principal {
+        Principal {
+            sub: self.sub.clone(),
+            expires_at: self.subject_expires_at,
+            trusted_until: self.trusted_until,
+            key_epoch: self.key_epoch,
+        }
     }
 }
 
@@ -502,12 +525,19 @@ mod tests {
         let e = CachedToken::new(
             HeaderValue::from_static("Bearer x"),
             Duration::from_secs(5),
+            Duration::from_secs(20),
             now,
         );
         assert!(e.is_servable(now));
         assert!(e.is_servable(now + Duration::from_millis(4_999)));
         assert!(!e.is_servable(now + Duration::from_secs(5)));
-        let once = CachedToken::new(HeaderValue::from_static("Bearer x"), Duration::ZERO, now);
+        assert_eq!(e.lifetime_end, now + Duration::from_secs(20));
+        let once = CachedToken::new(
+            HeaderValue::from_static("Bearer x"),
+            Duration::ZERO,
+            Duration::from_secs(10),
+            now,
+        );
         assert!(!once.is_servable(now));
     }
 

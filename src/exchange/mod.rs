@@ -4,12 +4,13 @@
 //! (the *subject token*). The answer is the `Authorization` value for the backend:
 //!
 //! 1. **Cache hit** (the hot path): one SHA-256 over the subject token (the parameter part of
-//!    the key is precomputed), one cache lookup, one [`HeaderValue`] clone.
+//!    the key is precomputed), one lookup in a [`moka`] cache, one [`HeaderValue`] clone.
 //! 2. **Miss**: one POST to the token endpoint ([`request`]), authenticated as configured
 //!    ([`client_auth`]); the answer is checked ([`response`]) and cached for the earliest of
 //!    the issued token's, the subject token's and `cache.max_ttl`'s end, minus
-//!    `cache.expiry_margin` (module `cache`). Concurrent misses for one key make one call; the
-//!    others wait for it and share its result, success or failure (failures are never kept).
+//!    `cache.expiry_margin` (module `cache`). Concurrent misses for one key make one call
+//!    (moka's `try_get_with`); the others wait for it and share its result, success or failure
+//!    (failures are never kept).
 //! 3. A [`breaker`] stops calling an IdP that keeps failing and answers `Unavailable` at once.
 //!
 //! Failures are split by whose fault they are ([`ExchangeError`], SPEC "Exchange outcomes").
@@ -31,12 +32,13 @@
 pub mod breaker;
 mod cache;
 pub mod client_auth;
+pub mod layer;
 pub mod request;
 pub mod response;
 mod store;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -56,6 +58,7 @@ pub use cache::CacheKey;
 use cache::{CachedToken, KeyDeriver};
 use client_auth::ClientAuthenticator;
 pub use client_auth::CredentialError;
+pub use layer::{TokenExchange, TokenExchangeLayer};
 use request::FormTemplate;
 use response::{Refusal, Unusable};
 use store::Store;
@@ -66,17 +69,6 @@ pub const READINESS_ITEM: &str = "token_endpoint";
 pub const DISCOVERY_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between discovery attempts: an IdP that comes up is noticed within this.
 pub const DISCOVERY_RETRY_MAX: Duration = Duration::from_secs(30);
-/// How often expired cache entries are dropped: often enough that a burst of one-off tokens
-/// gives its memory back within seconds of expiring, rarely enough to cost nothing.
-pub const PURGE_INTERVAL: Duration = Duration::from_secs(10);
-
-// How a caller's exchange was answered, as recorded from inside a flight.
-/// Another caller's flight gave the result.
-const COALESCED: u8 = 0;
-/// This caller's flight found an entry a flight just before it had left.
-const FOUND: u8 = 1;
-/// This caller's flight called the IdP.
-const CALLED: u8 = 2;
 
 /// Where an exchanged token came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,11 +250,10 @@ impl Exchanger {
         })
     }
 
-    /// Starts background work: the periodic purge of expired cache entries, and discovery of
-    /// the token endpoint when none is configured, retried with exponential backoff until it
-    /// succeeds. Both end when the exchanger is dropped.
+    /// Starts background work: discovery of the token endpoint when none is configured,
+    /// retried with exponential backoff until it succeeds; it ends when the exchanger is
+    /// dropped.
     pub fn start(self: &Arc<Self>) {
-        tokio::spawn(purge_periodically(Arc::downgrade(self)));
         if self.endpoint.get().is_some() {
             return;
         }
@@ -310,14 +301,21 @@ impl Exchanger {
     /// the entry rests on holds: not past its [`Principal::trusted_until`] and made in the
     /// validator's current `key_epoch` ([`crate::inbound::Validator::key_epoch`]). `None`:
     /// validate the token, then call [`Exchanger::exchange_keyed`].
-    pub fn cached(&self, key: &CacheKey, key_epoch: u64) -> Option<Exchanged> {
-        let entry = self.cache.get(key)?;
+    pub async fn cached(&self, key: &CacheKey, key_epoch: u64) -> Option<Exchanged> {
+        self.recall_entry(key, key_epoch)
+            .await
+            .map(|entry| Exchanged::from_entry(entry, CacheStatus::Hit))
+    }
+
+    /// [`Exchanger::cached`], with the acceptance the entry rests on.
+    async fn recall_entry(&self, key: &CacheKey, key_epoch: u64) -> Option<CachedToken> {
+        let entry = self.cache.get(key).await?;
         let now = Instant::now();
         if !(entry.is_servable(now) && entry.is_trusted(now, key_epoch)) {
             return None;
         }
         Metrics::inc(&self.metrics.cache_hits);
-        Some(Exchanged::from_entry(entry, CacheStatus::Hit))
+        Some(entry)
     }
 
     /// [`Exchanger::exchange`] for a subject the validator has just accepted as `principal`,
@@ -331,78 +329,58 @@ impl Exchanger {
         principal: &Principal,
     ) -> Result<Exchanged, ExchangeError> {
         let key = *key;
-        if let Some(hit) = self.serve_cached(&key, principal) {
+        if let Some(hit) = self.serve_cached(&key, principal).await {
             return Ok(hit);
         }
-
-        // Single flight: every caller for this key waits on one flight; the first runs the
-        // exchange in it and the others get its result (a failure included) without calling.
-        let flight = self.cache.flight(key);
-        let how = AtomicU8::new(COALESCED);
-        let result = flight
-            .get_or_init(|| async {
-                // A flight that finished between the lookup above and joining this one has
-                // left its entry behind.
-                if let Some(entry) = self.cache.get(&key)
-                    && entry.is_servable(Instant::now())
-                {
-                    how.store(FOUND, Ordering::Relaxed);
-                    return Ok(entry);
-                }
-                how.store(CALLED, Ordering::Relaxed);
-                let outcome = self.call_idp(subject, principal).await;
-                if let Ok(entry) = &outcome {
-                    self.cache.insert(key, entry.clone(), Instant::now());
-                }
-                outcome
+        // Single flight: concurrent callers for this key wait for one exchange and share its
+        // result, a failure included.
+        let called = AtomicBool::new(false);
+        let result = self
+            .cache
+            .get_or_exchange(key, async {
+                called.store(true, Ordering::Relaxed);
+                self.call_idp(subject, principal).await
             })
-            .await
-            .clone();
-        drop(flight);
-        let status = match how.load(Ordering::Relaxed) {
-            CALLED => {
-                Metrics::inc(&self.metrics.cache_misses);
-                CacheStatus::Miss
-            }
-            FOUND => {
-                Metrics::inc(&self.metrics.cache_hits);
-                CacheStatus::Hit
-            }
-            _ => {
-                Metrics::inc(&self.metrics.cache_coalesced);
-                CacheStatus::Coalesced
-            }
+            .await;
+        let status = if called.load(Ordering::Relaxed) {
+            Metrics::inc(&self.metrics.cache_misses);
+            CacheStatus::Miss
+        } else {
+            Metrics::inc(&self.metrics.cache_coalesced);
+            CacheStatus::Coalesced
         };
-        result.map(|entry| Exchanged::from_entry(entry, status))
+        result
+            .map(|entry| Exchanged::from_entry(entry, status))
+            .map_err(|e| (*e).clone())
     }
 
     /// A cached exchange for `key` that may be served, renewed with `principal`'s acceptance
-    /// if the one it rested on had lapsed; a stale entry found on the way is removed.
-    fn serve_cached(&self, key: &CacheKey, principal: &Principal) -> Option<Exchanged> {
-        let entry = self.cache.get(key)?;
+    /// if the one it rested on had lapsed; an entry past its serving window is removed.
+    async fn serve_cached(&self, key: &CacheKey, principal: &Principal) -> Option<Exchanged> {
+        let entry = self.cache.get(key).await?;
         let now = Instant::now();
         if !entry.is_servable(now) {
-            // Unless a fresh entry was put there meanwhile.
-            self.cache.remove_if(key, |e| !e.is_servable(now));
+            self.cache.remove_unservable(*key, now).await;
             return None;
         }
         Metrics::inc(&self.metrics.cache_hits);
         if !entry.is_trusted(now, principal.key_epoch)
             && principal.trusted(now, principal.key_epoch)
         {
-            self.cache.insert(*key, entry.retrusted(principal), now);
+            self.cache.insert(*key, entry.retrusted(principal)).await;
         }
         Some(Exchanged::from_entry(entry, CacheStatus::Hit))
     }
 
-    /// Entries currently cached (expired ones not yet purged included).
+    /// Entries currently cached, as of the last [`Exchanger::sync`] (the cache applies
+    /// evictions and expiries in batches).
     pub fn entry_count(&self) -> u64 {
-        self.cache.len() as u64
+        self.cache.len()
     }
 
-    /// Drops expired cache entries now (also done every [`PURGE_INTERVAL`]).
+    /// Applies the cache's pending evictions and expiries now.
     pub async fn sync(&self) {
-        self.cache.purge_expired(Instant::now());
+        self.cache.sync().await;
     }
 
     /// One call to the token endpoint, with its metrics, logs and breaker bookkeeping.
@@ -553,8 +531,17 @@ impl Exchanger {
                 lifetime_ms = lifetime.as_millis() as u64,
                 "token exchange: the token expires within the expiry margin; used once, not cached"
             );
+            // Not kept: the store lets an entry go at the end of its lifetime.
+            return CachedToken::new(
+                issued.authorization,
+                Duration::ZERO,
+                Duration::ZERO,
+                Instant::now(),
+            )
+            .resting_on(principal);
         }
-        CachedToken::new(issued.authorization, window, Instant::now()).resting_on(principal)
+        CachedToken::new(issued.authorization, window, lifetime, Instant::now())
+            .resting_on(principal)
     }
 }
 
@@ -571,20 +558,6 @@ fn causes(e: &dyn std::error::Error) -> String {
         next = cause.source();
     }
     out
-}
-
-/// Drops expired cache entries every [`PURGE_INTERVAL`] while the exchanger lives.
-async fn purge_periodically(exchanger: Weak<Exchanger>) {
-    let mut ticks = tokio::time::interval(PURGE_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    loop {
-        ticks.tick().await;
-        let Some(this) = exchanger.upgrade() else {
-            return;
-        };
-        this.cache.purge_expired(Instant::now());
-    }
 }
 
 /// Discovers the token endpoint of the exchanger's issuer, retrying with exponential backoff;

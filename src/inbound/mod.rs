@@ -40,6 +40,7 @@ pub mod claims;
 pub mod introspection;
 pub mod jwks;
 pub mod jwt;
+pub mod layer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -56,6 +57,10 @@ use claims::{Rules, Source, reject};
 use introspection::Introspector;
 use jwks::{JwkSetDocument, KeySet, KeyStore, Refetch, SelectError, VerifyKey};
 use jwt::Segments;
+pub use layer::{
+    BearerAuth, BearerAuthLayer, NoRecall, Public, Recall, bearer_token, is_plain_path,
+    is_public_path,
+};
 
 /// The readiness item for discovery.
 pub const READY_DISCOVERY: &str = "discovery";

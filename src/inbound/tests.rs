@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::config::{DEFAULT_ALGORITHMS, IdpTls};
 
-const ISSUER: &str = "https://idp.example.com/realms/mcp";
+pub(super) const ISSUER: &str = "https://idp.example.com/realms/mcp";
 
 static RSA: LazyLock<RsaKeyPair> =
     LazyLock::new(|| RsaKeyPair::generate(KeySize::Rsa2048).expect("rsa keygen"));
@@ -22,7 +22,7 @@ static EC: LazyLock<EcdsaKeyPair> = LazyLock::new(|| {
     EcdsaKeyPair::generate(&sig::ECDSA_P256_SHA256_FIXED_SIGNING).expect("ec keygen")
 });
 
-fn b64(bytes: impl AsRef<[u8]>) -> String {
+pub(super) fn b64(bytes: impl AsRef<[u8]>) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
@@ -37,7 +37,7 @@ fn ec_jwk(kid: &str) -> Value {
 }
 
 /// Signs `header.claims` with the RSA key (RS256) or the EC key (ES256).
-fn mint(header: &Value, claims: &Value) -> String {
+pub(super) fn mint(header: &Value, claims: &Value) -> String {
     let input = format!("{}.{}", b64(header.to_string()), b64(claims.to_string()));
     let rng = SystemRandom::new();
     let signature = if header["alg"] == "ES256" {
@@ -54,19 +54,19 @@ fn mint(header: &Value, claims: &Value) -> String {
     format!("{input}.{}", b64(signature))
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     unix_now()
 }
 
-fn claims() -> Value {
+pub(super) fn claims() -> Value {
     json!({"iss": ISSUER, "sub": "alice", "aud": "mcp-server", "exp": now() + 600, "iat": now(), "scope": "notes.read"})
 }
 
-fn rs256() -> Value {
+pub(super) fn rs256() -> Value {
     json!({"alg": "RS256", "kid": "rsa-1", "typ": "at+jwt"})
 }
 
-fn inbound(required_scopes: &[&str]) -> Inbound {
+pub(super) fn inbound(required_scopes: &[&str]) -> Inbound {
     Inbound {
         issuer: ISSUER.into(),
         discovery_url: None,
@@ -84,7 +84,7 @@ fn inbound(required_scopes: &[&str]) -> Inbound {
     }
 }
 
-fn validator_with(config: &Inbound, keys: Option<Vec<Value>>) -> Validator {
+pub(super) fn validator_with(config: &Inbound, keys: Option<Vec<Value>>) -> Validator {
     let idp = IdpClient::new(&IdpTls {
         ca_file: None,
         allow_plain_http: false,
@@ -99,7 +99,7 @@ fn validator_with(config: &Inbound, keys: Option<Vec<Value>>) -> Validator {
     v
 }
 
-fn validator() -> Validator {
+pub(super) fn validator() -> Validator {
     validator_with(&inbound(&[]), Some(vec![rsa_jwk("rsa-1"), ec_jwk("ec-1")]))
 }
 

@@ -66,11 +66,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares request headers for the backend: removes hop-by-hop fields and the client's
-/// credentials, sets `Authorization` (when given), `Host` and `X-Forwarded-*`.
+/// Prepares request headers for the backend: removes hop-by-hop fields and
+/// `Proxy-Authorization`, sets `Host` and `X-Forwarded-*`. `Authorization` is the layers'
+/// business (the exchanged token, the validated client token, or none) and is left as it is.
 pub fn prepare_request(
     headers: &mut HeaderMap,
-    authorization: Option<HeaderValue>,
     client_ip: &ClientIp,
     original_host: Option<HeaderValue>,
     proto: &'static str,
@@ -81,16 +81,6 @@ pub fn prepare_request(
     // Room for the X-Forwarded-* fields at once, rather than a regrowth per field.
     headers.reserve(3);
     headers.remove(header::PROXY_AUTHORIZATION);
-    match authorization {
-        // `insert` replaces every value the client sent.
-        Some(mut auth) => {
-            auth.set_sensitive(true);
-            headers.insert(header::AUTHORIZATION, auth);
-        }
-        None => {
-            headers.remove(header::AUTHORIZATION);
-        }
-    }
     fold_cookies(headers);
     append_forwarded_for(headers, client_ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
@@ -183,9 +173,9 @@ mod tests {
     }
 
     #[test]
-    fn client_credentials_are_replaced_and_forwarding_headers_set() {
+    fn proxy_credentials_are_removed_and_forwarding_headers_set() {
         let mut h = map(&[
-            ("authorization", "Bearer client"),
+            ("authorization", "Bearer exchanged"),
             ("proxy-authorization", "Basic eA=="),
             ("x-forwarded-for", "10.0.0.1"),
             ("mcp-session-id", "abc"),
@@ -195,7 +185,6 @@ mod tests {
         let upstream = HeaderValue::from_static("127.0.0.1:8000");
         prepare_request(
             &mut h,
-            Some(HeaderValue::from_static("Bearer exchanged")),
             &ClientIp::new("127.0.0.9".parse().expect("ip")),
             Some(HeaderValue::from_static("mcp.example.com")),
             "https",
@@ -204,7 +193,6 @@ mod tests {
         );
         assert_eq!(h.get_all("authorization").iter().count(), 1);
         assert_eq!(h["authorization"], "Bearer exchanged");
-        assert!(h["authorization"].is_sensitive());
         assert!(h.get("proxy-authorization").is_none());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "https");
@@ -221,7 +209,6 @@ mod tests {
         let upstream = HeaderValue::from_static("u");
         prepare_request(
             &mut h,
-            None,
             &ClientIp::new("127.0.0.1".parse().expect("ip")),
             None,
             "http",
@@ -238,7 +225,6 @@ mod tests {
         let upstream = HeaderValue::from_static("127.0.0.1:8000");
         prepare_request(
             &mut h,
-            None,
             &ClientIp::new("127.0.0.1".parse().expect("ip")),
             Some(HeaderValue::from_static("public.example")),
             "http",
@@ -246,26 +232,25 @@ mod tests {
             true,
         );
         assert_eq!(h["host"], "public.example");
-        assert!(h.get("authorization").is_none());
     }
 
     proptest! {
-        /// Whatever the client lists in Connection, none of it survives, and neither does any
-        /// credential it sent.
+        /// Whatever the client lists in Connection, none of it survives, and neither does a
+        /// proxy credential.
         #[test]
-        fn no_named_or_credential_header_survives(names in proptest::collection::vec("x-[a-z]{1,8}", 1..6)) {
+        fn no_named_or_proxy_credential_header_survives(names in proptest::collection::vec("x-[a-z]{1,8}", 1..6)) {
             let mut h = HeaderMap::new();
             for n in &names {
                 h.append(header::CONNECTION, HeaderValue::from_str(n).expect("value"));
                 h.append(HeaderName::from_bytes(n.as_bytes()).expect("name"), HeaderValue::from_static("v"));
             }
-            h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer secret"));
+            h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic c2VjcmV0"));
             let upstream = HeaderValue::from_static("u");
-            prepare_request(&mut h, None, &ClientIp::new("127.0.0.1".parse().expect("ip")), None, "http", &upstream, false);
+            prepare_request(&mut h, &ClientIp::new("127.0.0.1".parse().expect("ip")), None, "http", &upstream, false);
             for n in &names {
                 prop_assert!(h.get(n.as_str()).is_none());
             }
-            prop_assert!(h.get(header::AUTHORIZATION).is_none());
+            prop_assert!(h.get(header::PROXY_AUTHORIZATION).is_none());
             prop_assert!(h.get(header::CONNECTION).is_none());
         }
     }

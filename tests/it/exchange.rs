@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 
 use token_exchange_proxy::exchange::{
     BreakerSettings, BreakerState, CacheStatus, ExchangeError, Exchanged, Exchanger,
-    ExchangerOptions, PURGE_INTERVAL,
+    ExchangerOptions,
 };
 use token_exchange_proxy::idp::IdpClient;
 use token_exchange_proxy::inbound::Principal;
@@ -271,30 +271,29 @@ async fn the_issued_token_lifetime_bounds_the_entry() {
 }
 
 #[tokio::test]
-async fn expired_entries_are_purged_in_the_background() {
+async fn an_entry_leaves_the_cache_at_the_end_of_its_lifetime() {
     let idp = TokenEndpoint::start(public_client()).await;
     let s = setup_with(
         &basic_exchange(&idp, ""),
-        "{max_ttl: 300s, expiry_margin: 15s}",
+        "{max_ttl: 300s, expiry_margin: 1s}",
         ExchangerOptions::default(),
     );
     s.exchanger.start();
-    idp.answer(Answer::issue(20));
+    idp.answer(Answer::issue(2));
     s.exchanger.exchange("short", None).await.expect("exchange");
     idp.answer(Answer::issue(300));
     s.exchanger.exchange("long", None).await.expect("exchange");
+    s.exchanger.sync().await;
     assert_eq!(s.exchanger.entry_count(), 2);
-
-    tokio::time::pause();
-    tokio::time::advance(Duration::from_secs(4)).await;
-    tokio::task::yield_now().await;
-    assert_eq!(s.exchanger.entry_count(), 2, "nothing expired yet");
-    // "short" stops being served at 5 s; the purge after that drops it.
-    tokio::time::advance(PURGE_INTERVAL + Duration::from_secs(2)).await;
-    for _ in 0..10 {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(s.exchanger.entry_count(), 1, "the expired entry is gone");
+    // "short" is served for 1 s and kept for 2 s (its lifetime); then it is gone, with the
+    // next turn of the cache's timer wheel.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gone = eventually(Duration::from_secs(3), async || {
+        s.exchanger.sync().await;
+        s.exchanger.entry_count() == 1
+    })
+    .await;
+    assert!(gone, "the expired entry is gone");
     assert_eq!(
         s.exchanger
             .exchange("long", None)
@@ -335,7 +334,7 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
     let s = setup(&idp);
     let ex = &s.exchanger;
     let key = ex.key("subject-a");
-    assert!(ex.cached(&key, 3).is_none(), "nothing cached yet");
+    assert!(ex.cached(&key, 3).await.is_none(), "nothing cached yet");
 
     let accepted = Principal {
         sub: Some("alice".into()),
@@ -348,21 +347,21 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
         .await
         .expect("exchange");
     assert_eq!(first.cache, CacheStatus::Miss);
-    let hit = ex.cached(&key, 3).expect("served from the cache");
+    let hit = ex.cached(&key, 3).await.expect("served from the cache");
     assert_eq!(hit.cache, CacheStatus::Hit);
     assert_eq!(hit.sub.as_deref(), Some("alice"));
     assert_eq!(bearer(&hit), bearer(&first));
     assert!(
-        ex.cached(&key, 4).is_none(),
+        ex.cached(&key, 4).await.is_none(),
         "a key was withdrawn since the acceptance"
     );
     let other = ex.key("subject-b");
-    assert!(ex.cached(&other, 3).is_none(), "another token");
+    assert!(ex.cached(&other, 3).await.is_none(), "another token");
 
     tokio::time::pause();
     tokio::time::advance(Duration::from_secs(61)).await;
     assert!(
-        ex.cached(&key, 3).is_none(),
+        ex.cached(&key, 3).await.is_none(),
         "the acceptance lapsed: the token must be validated again"
     );
     // Validated again: the cached exchange is kept and rests on the new acceptance.
@@ -377,7 +376,7 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
         .expect("exchange");
     assert_eq!(again.cache, CacheStatus::Hit);
     assert_eq!(bearer(&again), bearer(&first));
-    let hit = ex.cached(&key, 4).expect("served again");
+    let hit = ex.cached(&key, 4).await.expect("served again");
     assert_eq!(bearer(&hit), bearer(&first));
     tokio::time::resume();
     assert_eq!(idp.calls(), 1);
@@ -393,7 +392,7 @@ async fn an_exchange_without_an_acceptance_is_never_served_by_the_hot_path() {
         .await
         .expect("exchange");
     let key = s.exchanger.key("subject");
-    assert!(s.exchanger.cached(&key, 0).is_none());
+    assert!(s.exchanger.cached(&key, 0).await.is_none());
     assert_eq!(
         s.exchanger
             .exchange("subject", None)

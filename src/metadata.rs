@@ -1,10 +1,51 @@
-//! RFC 9728 OAuth 2.0 Protected Resource Metadata: the document, its URL, and the resource
-//! identifier that a request path belongs to.
+//! RFC 9728 OAuth 2.0 Protected Resource Metadata: the document, its URL, the resource
+//! identifier that a request path belongs to, and [`ProtectedResourceLayer`], which serves the
+//! document (README "HTTP behaviour").
 
-use http::HeaderMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::{Either as EitherFuture, MapOk, Ready, TryFutureExt, ready};
 use http::uri::Authority;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use tower::{Layer, Service};
 
 use crate::config::ProtectedResource;
+use crate::error::{Outcome, ResponseBody};
+
+/// Where the proxy is reached and what it protects: everything a challenge or the metadata
+/// document needs to name the resource (`public_url` and `protected_resource`).
+#[derive(Debug, Clone)]
+pub struct Resource {
+    /// `public_url`, when configured.
+    pub public_url: Option<url::Url>,
+    /// `protected_resource.*`.
+    pub config: ProtectedResource,
+}
+
+impl Resource {
+    /// Settings from the validated configuration.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            public_url: config.public_url.clone(),
+            config: config.protected_resource.clone(),
+        }
+    }
+
+    /// The RFC 9728 metadata URL for a request (put into every `WWW-Authenticate` challenge).
+    pub fn metadata_url_for(&self, headers: &HeaderMap, uri: &http::Uri) -> String {
+        let origin = origin(self.public_url.as_ref(), headers, uri);
+        metadata_url(&resource_for(&self.config, &origin, uri.path()))
+    }
+
+    /// The metadata document for a request to the well-known path.
+    pub fn document_for(&self, headers: &HeaderMap, uri: &http::Uri) -> serde_json::Value {
+        let origin = origin(self.public_url.as_ref(), headers, uri);
+        document(&self.config, &origin, uri.path())
+    }
+}
 
 /// The well-known path of RFC 9728 §3.
 pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
@@ -85,6 +126,72 @@ pub fn is_metadata_path(path: &str) -> bool {
         || path
             .strip_prefix(WELL_KNOWN)
             .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Answers `GET`/`HEAD` for the RFC 9728 metadata document (§3: the well-known path, and the
+/// same with the resource's path appended) without a token; every other request goes on to
+/// the inner service untouched.
+#[derive(Debug, Clone)]
+pub struct ProtectedResourceLayer {
+    resource: Arc<Resource>,
+}
+
+impl ProtectedResourceLayer {
+    /// Serves the metadata of `resource`.
+    pub fn new(resource: Arc<Resource>) -> Self {
+        Self { resource }
+    }
+}
+
+impl<S> Layer<S> for ProtectedResourceLayer {
+    type Service = ProtectedResourceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ProtectedResourceService {
+            inner,
+            resource: self.resource.clone(),
+        }
+    }
+}
+
+/// The service of [`ProtectedResourceLayer`].
+#[derive(Debug, Clone)]
+pub struct ProtectedResourceService<S> {
+    inner: S,
+    resource: Arc<Resource>,
+}
+
+type Passed<B> = fn(Response<B>) -> Response<ResponseBody<B>>;
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ProtectedResourceService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future =
+        EitherFuture<Ready<Result<Self::Response, S::Error>>, MapOk<S::Future, Passed<ResB>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if is_metadata_path(req.uri().path()) && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            let doc = self.resource.document_for(req.headers(), req.uri());
+            let mut resp = Response::new(Either::Right(Full::new(Bytes::from(doc.to_string()))));
+            *resp.status_mut() = StatusCode::OK;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp.extensions_mut().insert(Outcome::METADATA);
+            return EitherFuture::Left(ready(Ok(resp)));
+        }
+        let passed: Passed<ResB> = |r| r.map(Either::Left);
+        EitherFuture::Right(self.inner.call(req).map_ok(passed))
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,165 @@
+//! [`TokenExchangeLayer`]: the client's token never goes further than this layer.
+//!
+//! **Request.** Runs behind [`crate::inbound::BearerAuthLayer`]. A request carrying a
+//! validated [`Principal`] has its `Authorization` replaced by `Bearer <exchanged token>`
+//! (RFC 8693, through the [`Exchanger`] and its cache); the [`CacheStatus`] goes into the
+//! request's extensions. A request without a principal (a public path) goes on without any
+//! `Authorization` at all: whatever the client sent is removed, so the inner service never
+//! sees a client token, whatever the layers above did.
+//!
+//! **Response.** A failed exchange is answered here (401, 403, 502 or 503, README "HTTP
+//! behaviour"); the inner service never sees the request. The acceptance of the token is then
+//! kept in the validator's decision cache (no exchanged-token entry carries it now), so that
+//! the client's retries cost a lookup rather than a signature check.
+//!
+//! The [`Recall`] for [`crate::inbound::BearerAuthLayer`]: a token whose cache entry still
+//! carries a valid acceptance is accepted and exchanged by one lookup, whose result this layer
+//! finds in the request's extensions.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use http_body_util::Either;
+use tower::{Layer, Service};
+
+use super::{CacheStatus, Exchanged, Exchanger};
+use crate::error::{Denial, Responder, ResponseBody};
+use crate::inbound::{Principal, Recall, Validator, bearer_token};
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct TokenExchangeLayer {
+    exchanger: Arc<Exchanger>,
+    validator: Arc<Validator>,
+    responder: Responder,
+    max_token_bytes: usize,
+}
+
+impl TokenExchangeLayer {
+    /// Exchanges through `exchanger` the tokens `validator` accepted, refusing through
+    /// `responder`; `max_token_bytes` as in `inbound.max_token_bytes`.
+    pub fn new(
+        exchanger: Arc<Exchanger>,
+        validator: Arc<Validator>,
+        responder: Responder,
+        max_token_bytes: usize,
+    ) -> Self {
+        Self {
+            exchanger,
+            validator,
+            responder,
+            max_token_bytes,
+        }
+    }
+}
+
+impl<S> Layer<S> for TokenExchangeLayer {
+    type Service = TokenExchange<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TokenExchange {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`TokenExchangeLayer`].
+#[derive(Debug, Clone)]
+pub struct TokenExchange<S> {
+    inner: S,
+    layer: TokenExchangeLayer,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for TokenExchange<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqB: Send + 'static,
+    ResB: 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // Found by the recall that accepted the token: nothing left to do.
+        if let Some(exchanged) = req.extensions_mut().remove::<Exchanged>() {
+            swap_in(&mut req, exchanged);
+            return Box::pin(async move { Ok(inner.call(req).await?.map(Either::Left)) });
+        }
+        let Some(principal) = req.extensions().get::<Principal>().cloned() else {
+            // No validated token: none goes on.
+            req.headers_mut().remove(header::AUTHORIZATION);
+            return Box::pin(async move { Ok(inner.call(req).await?.map(Either::Left)) });
+        };
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let exchanged = match bearer_token(req.headers(), layer.max_token_bytes) {
+                Ok(token) => {
+                    let key = layer.exchanger.key(token);
+                    let exchanged = layer
+                        .exchanger
+                        .exchange_keyed(token, &key, &principal)
+                        .await;
+                    if exchanged.is_err() {
+                        // Boxed: its future is large, and only a failure pays for it.
+                        Box::pin(layer.validator.remember(token, &principal)).await;
+                    }
+                    exchanged.map_err(Denial::Exchange)
+                }
+                // The token that was accepted is gone: never forward without one.
+                Err(denial) => Err(denial),
+            };
+            match exchanged {
+                Ok(exchanged) => {
+                    swap_in(&mut req, exchanged);
+                    Ok(inner.call(req).await?.map(Either::Left))
+                }
+                Err(denial) => {
+                    let mut resp = layer.responder.deny(&denial, req.headers(), req.uri());
+                    // The access log names whose token it was.
+                    resp.extensions_mut().insert(principal);
+                    Ok(resp.map(Either::Right))
+                }
+            }
+        })
+    }
+}
+
+/// Puts the exchanged token in place of the client's.
+fn swap_in<B>(req: &mut Request<B>, exchanged: Exchanged) {
+    let mut value: HeaderValue = exchanged.authorization;
+    value.set_sensitive(true);
+    // `insert` replaces every value the client sent.
+    req.headers_mut().insert(header::AUTHORIZATION, value);
+    req.extensions_mut().insert(exchanged.cache);
+}
+
+impl Recall for Arc<Exchanger> {
+    type Recalled = Exchanged;
+
+    async fn recall(&self, token: &str, key_epoch: u64) -> Option<(Principal, Exchanged)> {
+        let key = self.key(token);
+        let entry = self.recall_entry(&key, key_epoch).await?;
+        Some((
+            entry.principal(),
+            Exchanged::from_entry(entry, CacheStatus::Hit),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,292 @@
+//! [`BearerAuthLayer`]: no request passes without a validated bearer token, except on a
+//! public path (README "HTTP behaviour").
+//!
+//! **Request.** The `Authorization: Bearer` token (RFC 6750 §2.1) is validated by the
+//! [`Validator`]; the accepted [`Principal`] goes into the request's extensions, and the
+//! header is left as `Bearer <token>`. On a public path (`inbound.public_paths`) no token is
+//! asked for and none is let through: `Authorization` and `Proxy-Authorization` are removed
+//! and the request is marked [`Public`].
+//!
+//! **Response.** A refused request is answered here (401 with the RFC 6750 §3 challenge, 403
+//! `insufficient_scope`, 503 while the keys are not loaded) and never reaches the inner
+//! service.
+//!
+//! **Recall.** In exchange mode a token seen before is accepted without validating it again
+//! while the acceptance its exchanged-token cache entry carries holds ([`Recall`]): one lookup
+//! both accepts the token and finds the token to send on.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response};
+use http_body_util::Either;
+use tower::{Layer, Service};
+
+use super::{Principal, Validator};
+use crate::error::{Denial, Responder, ResponseBody};
+
+/// Marks a request on a public path: forwarded without a token (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Public;
+
+/// Acceptances remembered outside the validator, consulted before it.
+pub trait Recall: Clone + Send + Sync + 'static {
+    /// What a recalled acceptance brings along, put into the request's extensions beside the
+    /// [`Principal`].
+    type Recalled: Clone + Send + Sync + 'static;
+
+    /// The acceptance of `token` remembered in key epoch `key_epoch`
+    /// ([`Validator::key_epoch`]), if one still holds.
+    fn recall(
+        &self,
+        token: &str,
+        key_epoch: u64,
+    ) -> impl Future<Output = Option<(Principal, Self::Recalled)>> + Send;
+}
+
+/// No acceptances besides the validator's own decision cache.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRecall;
+
+impl Recall for NoRecall {
+    type Recalled = ();
+
+    async fn recall(&self, _: &str, _: u64) -> Option<(Principal, ())> {
+        None
+    }
+}
+
+impl<R: Recall> Recall for Option<R> {
+    type Recalled = R::Recalled;
+
+    async fn recall(&self, token: &str, key_epoch: u64) -> Option<(Principal, R::Recalled)> {
+        match self {
+            Some(r) => r.recall(token, key_epoch).await,
+            None => None,
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct BearerAuthLayer<R = NoRecall> {
+    validator: Arc<Validator>,
+    responder: Responder,
+    public_paths: Arc<[String]>,
+    max_token_bytes: usize,
+    recall: R,
+}
+
+impl BearerAuthLayer {
+    /// Validates with `validator` (configured with `config`), refusing through `responder`.
+    pub fn new(
+        validator: Arc<Validator>,
+        config: &crate::config::Inbound,
+        responder: Responder,
+    ) -> Self {
+        Self {
+            validator,
+            responder,
+            public_paths: config.public_paths.clone().into(),
+            max_token_bytes: config.max_token_bytes,
+            recall: NoRecall,
+        }
+    }
+}
+
+impl<R> BearerAuthLayer<R> {
+    /// Consults `recall` before validating.
+    pub fn recall<R2: Recall>(self, recall: R2) -> BearerAuthLayer<R2> {
+        BearerAuthLayer {
+            validator: self.validator,
+            responder: self.responder,
+            public_paths: self.public_paths,
+            max_token_bytes: self.max_token_bytes,
+            recall,
+        }
+    }
+}
+
+impl<S, R: Clone> Layer<S> for BearerAuthLayer<R> {
+    type Service = BearerAuth<S, R>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BearerAuth {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`BearerAuthLayer`].
+#[derive(Debug, Clone)]
+pub struct BearerAuth<S, R = NoRecall> {
+    inner: S,
+    layer: BearerAuthLayer<R>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, R, ReqB, ResB> Service<Request<ReqB>> for BearerAuth<S, R>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Recall,
+    ReqB: Send + 'static,
+    ResB: 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        // The clone that was not driven to readiness stays behind (tower's usual swap).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if is_public_path(&self.layer.public_paths, req.uri().path()) {
+            let headers = req.headers_mut();
+            headers.remove(header::AUTHORIZATION);
+            headers.remove(header::PROXY_AUTHORIZATION);
+            req.extensions_mut().insert(Public);
+            return Box::pin(async move { Ok(inner.call(req).await?.map(Either::Left)) });
+        }
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let accepted = match accept(&layer, req.headers()).await {
+                Ok(accepted) => accepted,
+                Err(denial) => {
+                    let resp = layer.responder.deny(&denial, req.headers(), req.uri());
+                    return Ok(resp.map(Either::Right));
+                }
+            };
+            let (principal, recalled, canonical) = accepted;
+            if let Some(value) = canonical {
+                req.headers_mut().insert(header::AUTHORIZATION, value);
+            }
+            let extensions = req.extensions_mut();
+            extensions.insert(principal);
+            if let Some(recalled) = recalled {
+                extensions.insert(recalled);
+            }
+            Ok(inner.call(req).await?.map(Either::Left))
+        })
+    }
+}
+
+/// An acceptance: the principal, what the recall brought along, and the `Authorization`
+/// value to put in place when the header was not already `Bearer <token>`.
+type Accepted<T> = (Principal, Option<T>, Option<HeaderValue>);
+
+/// Accepts the request's bearer token, by recall or by validation.
+async fn accept<R: Recall>(
+    layer: &BearerAuthLayer<R>,
+    headers: &http::HeaderMap,
+) -> Result<Accepted<R::Recalled>, Denial> {
+    let token = bearer_token(headers, layer.max_token_bytes)?;
+    let epoch = layer.validator.key_epoch();
+    if let Some((principal, recalled)) = layer.recall.recall(token, epoch).await {
+        return Ok((principal, Some(recalled), None));
+    }
+    let principal = layer
+        .validator
+        .validate(token)
+        .await
+        .map_err(Denial::Inbound)?;
+    Ok((principal, None, canonical_authorization(headers, token)?))
+}
+
+/// `Bearer <token>` when the header said it another way (`bearer  <token> `), else `None`.
+fn canonical_authorization(
+    headers: &http::HeaderMap,
+    token: &str,
+) -> Result<Option<HeaderValue>, Denial> {
+    let canonical = headers.get(header::AUTHORIZATION).is_some_and(|v| {
+        let b = v.as_bytes();
+        b.len() == token.len() + 7 && b.starts_with(b"Bearer ") && &b[7..] == token.as_bytes()
+    });
+    if canonical {
+        return Ok(None);
+    }
+    let mut v =
+        HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| Denial::MalformedToken)?;
+    v.set_sensitive(true);
+    Ok(Some(v))
+}
+
+/// The token of the request's single `Authorization: Bearer` header (RFC 6750 §2.1; the
+/// scheme is case-insensitive, RFC 9110 §11.1).
+pub fn bearer_token(headers: &http::HeaderMap, max_bytes: usize) -> Result<&str, Denial> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Err(Denial::MissingToken);
+    };
+    if values.next().is_some() {
+        return Err(Denial::MalformedToken);
+    }
+    let bytes = value.as_bytes();
+    if bytes.len() < 7 || !bytes[..7].eq_ignore_ascii_case(b"bearer ") {
+        // Another scheme (Basic, …) carries no bearer token.
+        return if bytes.len() >= 6 && bytes[..6].eq_ignore_ascii_case(b"bearer") {
+            Err(Denial::MalformedToken)
+        } else {
+            Err(Denial::MissingToken)
+        };
+    }
+    // `from_utf8` has a fast path for ASCII. The token's alphabet (RFC 6750 b64token) is
+    // checked by the validator before anything is decided about it, and only then: a token
+    // found in a cache has the bytes of one that passed that check.
+    let token = std::str::from_utf8(&bytes[7..])
+        .map_err(|_| Denial::MalformedToken)?
+        .trim_matches(' ');
+    if token.is_empty() {
+        return Err(Denial::MalformedToken);
+    }
+    if token.len() > max_bytes {
+        return Err(Denial::TokenTooLarge);
+    }
+    Ok(token)
+}
+
+/// True when `path` falls under one of `prefixes` (`inbound.public_paths`, whole segments
+/// only) and carries nothing a backend might normalise into another path
+/// ([`is_plain_path`]).
+pub fn is_public_path(prefixes: &[String], path: &str) -> bool {
+    if prefixes.is_empty() || !is_plain_path(path) {
+        return false;
+    }
+    prefixes.iter().any(|p| {
+        path == p
+            || (path.starts_with(p.as_str())
+                && (p.ends_with('/') || path.as_bytes().get(p.len()) == Some(&b'/')))
+    })
+}
+
+/// Whether `path` means the same to every backend: no form that a server might normalise
+/// into another path. Refused:
+/// - dot segments (`.`, `..`, RFC 3986 §5.2.4) and segments of dots only (`...`);
+/// - `;` anywhere: path parameters (`/health/..;/mcp`) are dropped by Java servlet
+///   containers and some proxies before they resolve `..`, so `..;` walks up a level;
+/// - percent-encoded dots, slashes, backslashes, `;`, `%` itself (double encoding) and NUL;
+/// - backslashes, which some servers read as slashes.
+pub fn is_plain_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let tricky = ["%2e", "%2f", "%5c", "%3b", "%25", "%00"]
+        .iter()
+        .any(|t| lower.contains(t))
+        || path.contains('\\')
+        || path.contains(';')
+        || path
+            .split('/')
+            .any(|seg| !seg.is_empty() && seg.bytes().all(|b| b == b'.'));
+    !tricky
+}
+
+#[cfg(test)]
+mod tests;
