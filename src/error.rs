@@ -10,32 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, Uri, header};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 
 use crate::exchange::ExchangeError;
 use crate::inbound::InboundError;
 use crate::metadata::Resource;
 use crate::metrics::{Metrics, RejectReason, UpstreamErrorKind};
-
-/// The body of a response that passed a layer: the inner service's, or a short fixed one the
-/// layer wrote itself.
-pub type ResponseBody<B> = Either<B, Full<Bytes>>;
-
-/// What the proxy did with a request, for the access log: a response extension set by the
-/// layer that decided (absent: the request was forwarded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome(pub &'static str);
-
-impl Outcome {
-    /// The backend's response, to a request with a validated token.
-    pub const FORWARDED: Outcome = Outcome("forwarded");
-    /// The backend's response, to a request on a public path.
-    pub const PUBLIC: Outcome = Outcome("public");
-    /// The RFC 9728 metadata document, answered by the proxy.
-    pub const METADATA: Outcome = Outcome("metadata");
-    /// A request the proxy cannot forward (a `CONNECT`, an unusable target).
-    pub const BAD_REQUEST: Outcome = Outcome("bad_request");
-}
+pub use crate::response::{Outcome, ResponseBody};
 
 /// Answers the requests that a layer refuses: the status, challenge and body of [`reply`],
 /// the `txp_token_rejections_total` count, and the [`Outcome`] for the access log.

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod protection;
 pub mod proxy;
 pub mod readiness;
+pub mod response;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

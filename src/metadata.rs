@@ -13,7 +13,7 @@ use http_body_util::{Either, Full};
 use tower::{Layer, Service};
 
 use crate::config::ProtectedResource;
-use crate::error::{Outcome, ResponseBody};
+use crate::response::{Outcome, ResponseBody};
 
 /// Where the proxy is reached and what it protects: everything a challenge or the metadata
 /// document needs to name the resource (`public_url` and `protected_resource`).
