@@ -202,7 +202,7 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    let client_ip = proxy::ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let client_ip = proxy::ClientIp::new(IpAddr::V4(Ipv4Addr::LOCALHOST), &[]);
     c.bench_function("prepare_request", |b| {
         b.iter_batched(
             || Fixture::request_headers(&token),

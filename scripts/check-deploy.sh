@@ -188,6 +188,7 @@ UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 DUR, ANY = "duration", None
 SCHEMA = {
     "listen": ANY, "admin_listen": ANY, "mode": ANY, "public_url": ANY,
+    "trusted_proxies": ANY, "cors": {"allowed_origins": ANY, "max_age": DUR},
     "upstream": {"url": ANY, "connect_timeout": DUR, "response_header_timeout": DUR,
                  "idle_timeout": DUR, "pool_idle_timeout": DUR, "preserve_host": ANY},
     "inbound": {"issuer": ANY, "discovery_url": ANY, "jwks_uri": ANY, "audiences": ANY,

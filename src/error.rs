@@ -35,7 +35,8 @@ impl Responder {
     /// The response refusing a request (`headers` and `uri` name the resource in the
     /// challenge).
     pub fn deny(&self, denial: &Denial, headers: &HeaderMap, uri: &Uri) -> Response<Full<Bytes>> {
-        let reply = reply(denial, &self.resource.metadata_url_for(headers, uri));
+        let host = headers.get(header::HOST);
+        let reply = reply(denial, &self.resource.metadata_url_for(host, uri));
         if let Some(reason) = reply.rejection {
             self.metrics.token_rejections.inc(reason);
         }
@@ -60,6 +61,28 @@ impl Responder {
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         resp.extensions_mut().insert(outcome);
         resp
+    }
+
+    /// Replaces the challenge of a backend's response (a backend names its own, in-pod
+    /// address) with the proxy's, keeping the status: `resp` answers a request to `uri`
+    /// carrying `host`.
+    pub fn replace_challenge<B>(
+        &self,
+        resp: &mut Response<B>,
+        host: Option<&HeaderValue>,
+        uri: &Uri,
+    ) {
+        // A response with an outcome is the proxy's own (e.g. a failed exchange), whose
+        // challenge is already right.
+        if !resp.headers().contains_key(header::WWW_AUTHENTICATE)
+            || resp.extensions().get::<Outcome>().is_some()
+        {
+            return;
+        }
+        let ours = HeaderValue::from_str(&self.resource.challenge_for(host, uri))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+        // `insert` replaces every value the backend sent.
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, ours);
     }
 
     /// The metrics refusals are counted in.

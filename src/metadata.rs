@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::future::{Either as EitherFuture, MapOk, Ready, TryFutureExt, ready};
 use http::uri::Authority;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{Either, Full};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
 use tower::{Layer, Service};
 
 use crate::config::ProtectedResource;
@@ -34,56 +34,90 @@ impl Resource {
         }
     }
 
-    /// The RFC 9728 metadata URL for a request (put into every `WWW-Authenticate` challenge).
-    pub fn metadata_url_for(&self, headers: &HeaderMap, uri: &http::Uri) -> String {
-        let origin = origin(self.public_url.as_ref(), headers, uri);
-        metadata_url(&resource_for(&self.config, &origin, uri.path()))
+    /// The RFC 9728 metadata URL for a request to `uri` carrying `host` (put into every
+    /// `WWW-Authenticate` challenge).
+    pub fn metadata_url_for(&self, host: Option<&HeaderValue>, uri: &http::Uri) -> String {
+        let base = Base::of(self.public_url.as_ref(), host, uri);
+        metadata_url(&resource_for(&self.config, &base, uri.path()))
     }
 
     /// The metadata document for a request to the well-known path.
-    pub fn document_for(&self, headers: &HeaderMap, uri: &http::Uri) -> serde_json::Value {
-        let origin = origin(self.public_url.as_ref(), headers, uri);
-        document(&self.config, &origin, uri.path())
+    pub fn document_for(&self, host: Option<&HeaderValue>, uri: &http::Uri) -> serde_json::Value {
+        let base = Base::of(self.public_url.as_ref(), host, uri);
+        document(&self.config, &base, uri.path())
+    }
+
+    /// `Bearer resource_metadata="…"`: the challenge that points a client at the metadata.
+    pub fn challenge_for(&self, host: Option<&HeaderValue>, uri: &http::Uri) -> String {
+        format!(
+            "Bearer resource_metadata=\"{}\"",
+            self.metadata_url_for(host, uri)
+        )
     }
 }
 
 /// The well-known path of RFC 9728 §3.
 pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
 
-/// The proxy's public origin (`https://mcp.example.com`), from `public_url` or, failing that,
-/// from the request's `Host` (plain http: the proxy itself does not terminate TLS).
-pub fn origin(public_url: Option<&url::Url>, headers: &HeaderMap, uri: &http::Uri) -> String {
-    if let Some(u) = public_url {
-        return u.as_str().trim_end_matches('/').to_owned();
-    }
-    // A Host that is not a valid authority (an injection attempt) is not echoed.
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(Authority::as_str))
-        .and_then(|h| h.parse::<Authority>().ok())
-        .filter(|a| {
-            a.as_str()
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        });
-    match host {
-        Some(a) => format!("http://{a}"),
-        None => "http://localhost".to_owned(),
+/// Where clients reach the proxy: `public_url`, or `http://<Host>` without one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    /// `scheme://authority`.
+    pub origin: String,
+    /// The path of `public_url` without its trailing slash (`/tenant`), or empty.
+    pub prefix: String,
+}
+
+impl Base {
+    /// From `public_url` or, failing that, from the request's `Host` (plain http: without
+    /// `public_url` the proxy cannot know the client's scheme).
+    pub fn of(public_url: Option<&url::Url>, host: Option<&HeaderValue>, uri: &http::Uri) -> Self {
+        if let Some(u) = public_url {
+            return Self {
+                origin: u.origin().ascii_serialization(),
+                prefix: u.path().trim_end_matches('/').to_owned(),
+            };
+        }
+        // A Host that is not a valid authority (an injection attempt) is not echoed.
+        let host = host
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.authority().map(Authority::as_str))
+            .and_then(|h| h.parse::<Authority>().ok())
+            .filter(|a| {
+                a.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            });
+        Self {
+            origin: match host {
+                Some(a) => format!("http://{a}"),
+                None => "http://localhost".to_owned(),
+            },
+            prefix: String::new(),
+        }
     }
 }
 
-/// The resource identifier for a request to `path`: the configured one, else the origin plus
-/// the first path segment (`/mcp/x` → `https://host/mcp`).
-pub fn resource_for(config: &ProtectedResource, origin: &str, path: &str) -> String {
+/// The resource identifier for a request to `path`: the configured one, else the base URL
+/// plus the first path segment below it (`/mcp/x` → `https://host/tenant/mcp`, whether or
+/// not the ingress kept the `/tenant` prefix on the way in).
+pub fn resource_for(config: &ProtectedResource, base: &Base, path: &str) -> String {
     if let Some(r) = &config.resource {
         return r.clone();
     }
-    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let below = match path.strip_prefix(base.prefix.as_str()) {
+        Some(rest) if !base.prefix.is_empty() && (rest.is_empty() || rest.starts_with('/')) => rest,
+        _ => path,
+    };
+    let first = below
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("");
     if first.is_empty() {
-        origin.to_owned()
+        format!("{}{}", base.origin, base.prefix)
     } else {
-        format!("{origin}/{first}")
+        format!("{}{}/{first}", base.origin, base.prefix)
     }
 }
 
@@ -103,11 +137,13 @@ pub fn metadata_url(resource: &str) -> String {
 }
 
 /// The metadata document served at `request_path` (`/.well-known/oauth-protected-resource[/…]`).
-pub fn document(config: &ProtectedResource, origin: &str, request_path: &str) -> serde_json::Value {
+/// Its `resource` is the URL the well-known segment was inserted into (RFC 9728 §3.3 has the
+/// client check exactly that): the origin plus the path after the segment.
+pub fn document(config: &ProtectedResource, base: &Base, request_path: &str) -> serde_json::Value {
     let suffix = request_path.strip_prefix(WELL_KNOWN).unwrap_or("");
     let resource = match &config.resource {
         Some(r) => r.clone(),
-        None => format!("{origin}{}", suffix.trim_end_matches('/')),
+        None => format!("{}{}", base.origin, suffix.trim_end_matches('/')),
     };
     let mut doc = serde_json::json!({
         "resource": resource,
@@ -179,17 +215,26 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         if is_metadata_path(req.uri().path()) && matches!(*req.method(), Method::GET | Method::HEAD)
         {
-            let doc = self.resource.document_for(req.headers(), req.uri());
-            let mut resp = Response::new(Either::Right(Full::new(Bytes::from(doc.to_string()))));
+            let doc = self
+                .resource
+                .document_for(req.headers().get(header::HOST), req.uri());
+            let mut resp =
+                Response::new(ResponseBody::own(Full::new(Bytes::from(doc.to_string()))));
             *resp.status_mut() = StatusCode::OK;
-            resp.headers_mut().insert(
+            let headers = resp.headers_mut();
+            headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
+            );
+            // Public by definition: any page may read it, whatever `cors` allows.
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
             );
             resp.extensions_mut().insert(Outcome::METADATA);
             return EitherFuture::Left(ready(Ok(resp)));
         }
-        let passed: Passed<ResB> = |r| r.map(Either::Left);
+        let passed: Passed<ResB> = |r| r.map(ResponseBody::inner);
         EitherFuture::Right(self.inner.call(req).map_ok(passed))
     }
 }
@@ -218,43 +263,60 @@ mod tests {
         );
     }
 
+    fn host_base(host: &str) -> Base {
+        Base {
+            origin: format!("http://{host}"),
+            prefix: String::new(),
+        }
+    }
+
     #[test]
     fn resource_defaults_to_origin_and_first_segment() {
+        let b = host_base("h:1");
+        assert_eq!(resource_for(&pr(None), &b, "/mcp/x"), "http://h:1/mcp");
+        assert_eq!(resource_for(&pr(None), &b, "/"), "http://h:1");
         assert_eq!(
-            resource_for(&pr(None), "http://h:1", "/mcp/x"),
-            "http://h:1/mcp"
-        );
-        assert_eq!(resource_for(&pr(None), "http://h:1", "/"), "http://h:1");
-        assert_eq!(
-            resource_for(&pr(Some("https://r/mcp")), "http://h:1", "/x"),
+            resource_for(&pr(Some("https://r/mcp")), &b, "/x"),
             "https://r/mcp"
         );
-        let doc = document(
-            &pr(None),
-            "http://h:1",
-            "/.well-known/oauth-protected-resource/mcp",
-        );
+        let doc = document(&pr(None), &b, "/.well-known/oauth-protected-resource/mcp");
         assert_eq!(doc["resource"], "http://h:1/mcp");
         assert_eq!(doc["authorization_servers"][0], "https://idp.example.com");
     }
 
     #[test]
+    fn a_public_url_with_a_path_is_one_resource_and_one_metadata_url() {
+        let public: url::Url = "https://h.example/tenant/".parse().expect("url");
+        let b = Base::of(Some(&public), None, &http::Uri::from_static("/"));
+        assert_eq!(b.origin, "https://h.example");
+        assert_eq!(b.prefix, "/tenant");
+        for path in ["/mcp", "/mcp/x", "/tenant/mcp", "/tenant/mcp/x"] {
+            let resource = resource_for(&pr(None), &b, path);
+            assert_eq!(resource, "https://h.example/tenant/mcp", "{path}");
+            let url = metadata_url(&resource);
+            assert_eq!(
+                url,
+                "https://h.example/.well-known/oauth-protected-resource/tenant/mcp"
+            );
+            // The document at that URL names the same resource (RFC 9728 §3.3).
+            let served_at = url.strip_prefix("https://h.example").expect("same origin");
+            assert_eq!(document(&pr(None), &b, served_at)["resource"], resource);
+        }
+        // `/tenantx` is not under `/tenant`.
+        assert_eq!(
+            resource_for(&pr(None), &b, "/tenantx/y"),
+            "https://h.example/tenant/tenantx"
+        );
+    }
+
+    #[test]
     fn a_hostile_host_is_not_echoed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("evil\"x"),
-        );
+        let uri = http::Uri::from_static("/");
+        let evil = http::HeaderValue::from_static("evil\"x");
+        assert_eq!(Base::of(None, Some(&evil), &uri).origin, "http://localhost");
+        let good = http::HeaderValue::from_static("127.0.0.1:8080");
         assert_eq!(
-            origin(None, &h, &http::Uri::from_static("/")),
-            "http://localhost"
-        );
-        h.insert(
-            http::header::HOST,
-            http::HeaderValue::from_static("127.0.0.1:8080"),
-        );
-        assert_eq!(
-            origin(None, &h, &http::Uri::from_static("/")),
+            Base::of(None, Some(&good), &uri).origin,
             "http://127.0.0.1:8080"
         );
     }

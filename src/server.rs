@@ -112,12 +112,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
     ));
 
-    let layers = proxy::layers(&protection, config.upstream.idle_timeout);
+    let layers = proxy::layers(&protection, &config);
     let upstream = Arc::new(Upstream::new(&config, metrics.clone()));
+    let trusted: Arc<[ipnet::IpNet]> = config.trusted_proxies.clone().into();
     let shutdown = Trigger::default();
     let task = tokio::spawn(serve(
         listener,
-        move |peer| layers.service(Forward::new(upstream.clone(), peer)),
+        move |peer| {
+            let peer = ClientIp::new(peer, &trusted);
+            layers.service(Forward::new(upstream.clone(), peer))
+        },
         readiness.clone(),
         shutdown.clone(),
         config.shutdown.clone(),
@@ -150,7 +154,7 @@ async fn serve<M, S, B>(
     trigger: Trigger,
     cfg: crate::config::Shutdown,
 ) where
-    M: Fn(ClientIp) -> S,
+    M: Fn(std::net::IpAddr) -> S,
     S: tower::Service<
             http::Request<hyper::body::Incoming>,
             Response = http::Response<B>,
@@ -170,6 +174,9 @@ async fn serve<M, S, B>(
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
+    // Every connection's task, so that those still open at the shutdown timeout can be ended
+    // here, before the process exits: their responses' access lines are written as they go.
+    let mut connections = tokio::task::JoinSet::new();
 
     let stop_accepting = async {
         trigger.fired().await;
@@ -192,10 +199,12 @@ async fn serve<M, S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = make_service(ClientIp::new(remote.ip()));
+                let svc = make_service(remote.ip());
                 let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
                 let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
+                // Forget the connections that have ended.
+                while connections.try_join_next().is_some() {}
+                connections.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -210,4 +219,7 @@ async fn serve<M, S, B>(
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(cfg.timeout) => tracing::warn!("shutdown timeout reached: closing remaining connections"),
     }
+    // Cut what is left (long SSE streams): each cut response still writes its access line.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }

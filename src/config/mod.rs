@@ -44,6 +44,8 @@ pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
 pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(300);
 /// A token handed to the backend must outlive the request that carries it.
 pub const DEFAULT_CACHE_EXPIRY_MARGIN: Duration = Duration::from_secs(15);
+/// How long a browser may keep a CORS preflight answer.
+pub const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
 /// Time for the endpoints controller to take the pod out of the Service after SIGTERM.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Fits in Kubernetes' default 30 s grace period together with the drain delay.
@@ -99,6 +101,11 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub mode: Mode,
     pub public_url: Option<Url>,
+    /// Peers whose `X-Forwarded-*` and `Forwarded` headers are kept (e.g. the ingress).
+    #[serde(serialize_with = "ser_nets")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `None`: no CORS handling at all.
+    pub cors: Option<Cors>,
     pub upstream: Upstream,
     pub inbound: Inbound,
     /// `None` in passthrough mode.
@@ -108,6 +115,15 @@ pub struct Config {
     pub protected_resource: ProtectedResource,
     pub shutdown: Shutdown,
     pub log: Log,
+}
+
+/// `cors.*`: browser clients (e.g. the MCP Inspector in a browser).
+#[derive(Debug, Clone, Serialize)]
+pub struct Cors {
+    /// Exact origins (`https://app.example.com`), or `*` for any.
+    pub allowed_origins: Vec<String>,
+    #[serde(serialize_with = "ser_duration")]
+    pub max_age: Duration,
 }
 
 /// `upstream.*`
@@ -211,6 +227,10 @@ pub struct Log {
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+fn ser_nets<S: serde::Serializer>(nets: &[ipnet::IpNet], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(nets.iter().map(ToString::to_string))
 }
 
 fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -433,6 +453,9 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     {
         c.problem("public_url", "must not have a query or fragment");
     }
+
+    let trusted_proxies = trusted_proxies(&mut c, raw.trusted_proxies.as_deref());
+    let cors = raw.cors.as_ref().map(|rc| cors(&mut c, rc));
 
     let allow_plain_http = raw.idp_tls.allow_plain_http.unwrap_or(false);
     let idp = Some(allow_plain_http);
@@ -693,6 +716,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin_listen,
         mode,
         public_url,
+        trusted_proxies,
+        cors,
         upstream: Upstream {
             url,
             connect_timeout,
@@ -739,6 +764,59 @@ pub const RESERVED_EXCHANGE_PARAMS: &[&str] = &[
     "client_assertion",
     "client_assertion_type",
 ];
+
+/// `trusted_proxies`: CIDRs, or single addresses.
+fn trusted_proxies(c: &mut Checker, v: Option<&[String]>) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    for entry in v.unwrap_or_default() {
+        let parsed = entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => out.push(net.trunc()),
+            Err(_) => c.problem(
+                "trusted_proxies",
+                format!("{entry}: not a CIDR (e.g. 10.0.0.0/8) or an IP address"),
+            ),
+        }
+    }
+    out
+}
+
+/// `cors`: exact origins (scheme, host and port only) or `["*"]`.
+fn cors(c: &mut Checker, rc: &raw::RawCors) -> Cors {
+    let allowed_origins = rc.allowed_origins.clone().unwrap_or_default();
+    if allowed_origins.is_empty() {
+        c.problem(
+            "cors.allowed_origins",
+            "required with cors (exact origins, or [\"*\"])",
+        );
+    }
+    let any = allowed_origins.iter().any(|o| o == "*");
+    if any && allowed_origins.len() > 1 {
+        c.problem("cors.allowed_origins", "\"*\" must be the only entry");
+    }
+    for o in allowed_origins.iter().filter(|o| *o != "*") {
+        let exact = Url::parse(o).ok().filter(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.origin().ascii_serialization() == *o
+        });
+        if exact.is_none() {
+            c.problem(
+                "cors.allowed_origins",
+                format!("{o}: not an origin (scheme://host[:port], no path or trailing slash)"),
+            );
+        }
+        if http::HeaderValue::from_str(o).is_err() {
+            c.problem("cors.allowed_origins", format!("{o}: not a header value"));
+        }
+    }
+    Cors {
+        allowed_origins,
+        max_age: c.duration("cors.max_age", rc.max_age.as_deref(), DEFAULT_CORS_MAX_AGE),
+    }
+}
 
 fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, &'static str> {
     use jsonwebtoken::Algorithm::*;

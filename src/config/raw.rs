@@ -15,6 +15,8 @@ pub struct RawConfig {
     pub admin_listen: Option<String>,
     pub mode: Option<String>,
     pub public_url: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub cors: Option<RawCors>,
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
@@ -31,6 +33,13 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub log: RawLog,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

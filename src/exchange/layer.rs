@@ -23,7 +23,6 @@ use std::task::{Context, Poll};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
-use http_body_util::Either;
 use tower::{Layer, Service};
 
 use super::{CacheStatus, Exchanged, Exchanger};
@@ -98,12 +97,12 @@ where
         // Found by the recall that accepted the token: nothing left to do.
         if let Some(exchanged) = req.extensions_mut().remove::<Exchanged>() {
             swap_in(&mut req, exchanged);
-            return Box::pin(async move { Ok(inner.call(req).await?.map(Either::Left)) });
+            return Box::pin(async move { Ok(inner.call(req).await?.map(ResponseBody::inner)) });
         }
         let Some(principal) = req.extensions().get::<Principal>().cloned() else {
             // No validated token: none goes on.
             req.headers_mut().remove(header::AUTHORIZATION);
-            return Box::pin(async move { Ok(inner.call(req).await?.map(Either::Left)) });
+            return Box::pin(async move { Ok(inner.call(req).await?.map(ResponseBody::inner)) });
         };
         let layer = self.layer.clone();
         Box::pin(async move {
@@ -126,13 +125,13 @@ where
             match exchanged {
                 Ok(exchanged) => {
                     swap_in(&mut req, exchanged);
-                    Ok(inner.call(req).await?.map(Either::Left))
+                    Ok(inner.call(req).await?.map(ResponseBody::inner))
                 }
                 Err(denial) => {
                     let mut resp = layer.responder.deny(&denial, req.headers(), req.uri());
                     // The access log names whose token it was.
                     resp.extensions_mut().insert(principal);
-                    Ok(resp.map(Either::Right))
+                    Ok(resp.map(ResponseBody::own))
                 }
             }
         })

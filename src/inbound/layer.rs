@@ -9,7 +9,8 @@
 //!
 //! **Response.** A refused request is answered here (401 with the RFC 6750 §3 challenge, 403
 //! `insufficient_scope`, 503 while the keys are not loaded) and never reaches the inner
-//! service.
+//! service. A challenge in the inner service's response is replaced by the proxy's own
+//! (`Bearer resource_metadata="…"`, same status): a backend's names its in-pod address.
 //!
 //! **Recall.** In exchange mode a token seen before is accepted without validating it again
 //! while the acceptance its exchanged-token cache entry carries holds ([`Recall`]): one lookup
@@ -22,7 +23,6 @@ use std::task::{Context, Poll};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
-use http_body_util::Either;
 use tower::{Layer, Service};
 
 use super::{Principal, Validator};
@@ -150,20 +150,28 @@ where
         // The clone that was not driven to readiness stays behind (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        // What the proxy's own challenge will need if the backend answers with one.
+        let (host, uri) = (req.headers().get(header::HOST).cloned(), req.uri().clone());
         if is_public_path(&self.layer.public_paths, req.uri().path()) {
             let headers = req.headers_mut();
             headers.remove(header::AUTHORIZATION);
             headers.remove(header::PROXY_AUTHORIZATION);
             req.extensions_mut().insert(Public);
-            return Box::pin(async move { Ok(inner.call(req).await?.map(Either::Left)) });
+            return Box::pin(async move {
+                let mut resp = inner.call(req).await?;
+                layer
+                    .responder
+                    .replace_challenge(&mut resp, host.as_ref(), &uri);
+                Ok(resp.map(ResponseBody::inner))
+            });
         }
-        let layer = self.layer.clone();
         Box::pin(async move {
             let accepted = match accept(&layer, req.headers()).await {
                 Ok(accepted) => accepted,
                 Err(denial) => {
                     let resp = layer.responder.deny(&denial, req.headers(), req.uri());
-                    return Ok(resp.map(Either::Right));
+                    return Ok(resp.map(ResponseBody::own));
                 }
             };
             let (principal, recalled, canonical) = accepted;
@@ -175,7 +183,11 @@ where
             if let Some(recalled) = recalled {
                 extensions.insert(recalled);
             }
-            Ok(inner.call(req).await?.map(Either::Left))
+            let mut resp = inner.call(req).await?;
+            layer
+                .responder
+                .replace_challenge(&mut resp, host.as_ref(), &uri);
+            Ok(resp.map(ResponseBody::inner))
         })
     }
 }

@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::Either;
 use hyper::body::Incoming;
 use tower::Service;
 
@@ -106,7 +105,7 @@ impl Service<Request<Incoming>> for Forward {
                 "CONNECT is not supported",
                 Outcome::BAD_REQUEST,
             );
-            return Box::pin(std::future::ready(Ok(resp.map(Either::Right))));
+            return Box::pin(std::future::ready(Ok(resp.map(ResponseBody::own))));
         }
         let Some((upstream_req, extensions)) = upstream_request(&self.upstream, req, &self.peer)
         else {
@@ -116,7 +115,7 @@ impl Service<Request<Incoming>> for Forward {
                 "bad request target",
                 Outcome::BAD_REQUEST,
             );
-            return Box::pin(std::future::ready(Ok(resp.map(Either::Right))));
+            return Box::pin(std::future::ready(Ok(resp.map(ResponseBody::own))));
         };
         let upstream = self.upstream.clone();
         Box::pin(async move {
@@ -129,7 +128,7 @@ impl Service<Request<Incoming>> for Forward {
                 Ok(Ok(mut resp)) => {
                     headers::strip_hop_by_hop(resp.headers_mut());
                     *resp.extensions_mut() = extensions;
-                    return Ok(resp.map(Either::Left));
+                    return Ok(resp.map(ResponseBody::inner));
                 }
                 Ok(Err(e)) => {
                     let kind = upstream::classify(&e);
@@ -143,7 +142,7 @@ impl Service<Request<Incoming>> for Forward {
             let mut all = extensions;
             all.extend(std::mem::take(resp.extensions_mut()));
             *resp.extensions_mut() = all;
-            Ok(resp.map(Either::Right))
+            Ok(resp.map(ResponseBody::own))
         })
     }
 }

@@ -24,20 +24,39 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// The client's address, with its `X-Forwarded-For` form made once per connection.
+/// Forwarding headers that pass only from a trusted proxy (`trusted_proxies`); from anyone
+/// else they are removed, so that a backend that believes them cannot be lied to.
+const FROM_TRUSTED_ONLY: [HeaderName; 4] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+];
+
+/// The peer of a connection: its address, with its `X-Forwarded-For` form made once per
+/// connection, and whether it is one of `trusted_proxies`.
 #[derive(Debug, Clone)]
 pub struct ClientIp {
     ip: IpAddr,
     header: Option<HeaderValue>,
+    trusted: bool,
 }
 
 impl ClientIp {
-    /// The address of a client connection.
-    pub fn new(ip: IpAddr) -> Self {
+    /// The peer at `ip` (an IPv4 address mapped into IPv6 counts as the IPv4 one), trusted
+    /// when it falls in one of `trusted_proxies`.
+    pub fn new(ip: IpAddr, trusted_proxies: &[ipnet::IpNet]) -> Self {
+        let ip = ip.to_canonical();
         Self {
             ip,
             header: HeaderValue::from_str(&ip.to_string()).ok(),
+            trusted: trusted_proxies.iter().any(|net| net.contains(&ip)),
         }
+    }
+
+    /// Whether the peer's forwarding headers are kept.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted
     }
 }
 
@@ -69,6 +88,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Prepares request headers for the backend: removes hop-by-hop fields and
 /// `Proxy-Authorization`, sets `Host` and `X-Forwarded-*`. `Authorization` is the layers'
 /// business (the exchanged token, the validated client token, or none) and is left as it is.
+///
+/// From a trusted peer, `X-Forwarded-For` is appended to and the other forwarding headers pass
+/// (`X-Forwarded-Proto` and `-Host` are set only when absent). From any other peer,
+/// `X-Forwarded-For` is the peer's address alone, `X-Forwarded-Proto` and `-Host` are the
+/// proxy's, and `Forwarded`, `X-Real-IP`, `X-Forwarded-Port`, `X-Forwarded-Prefix` are removed.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     client_ip: &ClientIp,
@@ -82,14 +106,34 @@ pub fn prepare_request(
     headers.reserve(3);
     headers.remove(header::PROXY_AUTHORIZATION);
     fold_cookies(headers);
-    append_forwarded_for(headers, client_ip);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match &original_host {
-        Some(h) => {
+    if client_ip.trusted {
+        append_forwarded_for(headers, client_ip);
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if let (false, Some(h)) = (headers.contains_key(&X_FORWARDED_HOST), &original_host) {
             headers.insert(X_FORWARDED_HOST, h.clone());
         }
-        None => {
-            headers.remove(X_FORWARDED_HOST);
+    } else {
+        for name in &FROM_TRUSTED_ONLY {
+            headers.remove(name);
+        }
+        match &client_ip.header {
+            Some(v) => {
+                headers.insert(X_FORWARDED_FOR, v.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_FOR);
+            }
+        }
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        match &original_host {
+            Some(h) => {
+                headers.insert(X_FORWARDED_HOST, h.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
         }
     }
     let host = match (preserve_host, original_host) {
@@ -117,7 +161,7 @@ fn fold_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client's address to `X-Forwarded-For`, folding multiple fields into one.
+/// Appends a trusted peer's address to `X-Forwarded-For`, folding multiple fields into one.
 fn append_forwarded_for(headers: &mut HeaderMap, client: &ClientIp) {
     let existing: Vec<&str> = headers
         .get_all(&X_FORWARDED_FOR)
@@ -172,6 +216,17 @@ mod tests {
         assert_eq!(h.get("x-c").map(|v| v.as_bytes()), Some(&b"3"[..]));
     }
 
+    fn trusted(ip: &str) -> ClientIp {
+        ClientIp::new(
+            ip.parse().expect("ip"),
+            &["127.0.0.0/8".parse().expect("net")],
+        )
+    }
+
+    fn untrusted(ip: &str) -> ClientIp {
+        ClientIp::new(ip.parse().expect("ip"), &[])
+    }
+
     #[test]
     fn proxy_credentials_are_removed_and_forwarding_headers_set() {
         let mut h = map(&[
@@ -185,7 +240,7 @@ mod tests {
         let upstream = HeaderValue::from_static("127.0.0.1:8000");
         prepare_request(
             &mut h,
-            &ClientIp::new("127.0.0.9".parse().expect("ip")),
+            &trusted("127.0.0.9"),
             Some(HeaderValue::from_static("mcp.example.com")),
             "https",
             &upstream,
@@ -204,12 +259,73 @@ mod tests {
     }
 
     #[test]
+    fn an_untrusted_peer_cannot_forge_forwarding_headers() {
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-for", "10.0.0.2"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.example"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
+        ]);
+        let upstream = HeaderValue::from_static("u");
+        let peer = untrusted("::ffff:192.0.2.9");
+        assert!(!peer.is_trusted());
+        prepare_request(
+            &mut h,
+            &peer,
+            Some(HeaderValue::from_static("public.example")),
+            "http",
+            &upstream,
+            false,
+        );
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "public.example");
+        for name in [
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+        ] {
+            assert!(h.get(name).is_none(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_trusted_proxy_keeps_what_it_set() {
+        let mut h = map(&[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "ingress.example"),
+            ("x-forwarded-prefix", "/tenant"),
+        ]);
+        let upstream = HeaderValue::from_static("u");
+        let peer = trusted("127.0.0.2");
+        assert!(peer.is_trusted());
+        prepare_request(
+            &mut h,
+            &peer,
+            Some(HeaderValue::from_static("public.example")),
+            "http",
+            &upstream,
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "ingress.example");
+        assert_eq!(h["x-forwarded-prefix"], "/tenant");
+    }
+
+    #[test]
     fn split_cookies_are_folded_into_one_field() {
         let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
         let upstream = HeaderValue::from_static("u");
         prepare_request(
             &mut h,
-            &ClientIp::new("127.0.0.1".parse().expect("ip")),
+            &untrusted("127.0.0.1"),
             None,
             "http",
             &upstream,
@@ -225,7 +341,7 @@ mod tests {
         let upstream = HeaderValue::from_static("127.0.0.1:8000");
         prepare_request(
             &mut h,
-            &ClientIp::new("127.0.0.1".parse().expect("ip")),
+            &untrusted("127.0.0.1"),
             Some(HeaderValue::from_static("public.example")),
             "http",
             &upstream,
@@ -246,7 +362,7 @@ mod tests {
             }
             h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic c2VjcmV0"));
             let upstream = HeaderValue::from_static("u");
-            prepare_request(&mut h, &ClientIp::new("127.0.0.1".parse().expect("ip")), None, "http", &upstream, false);
+            prepare_request(&mut h, &untrusted("127.0.0.1"), None, "http", &upstream, false);
             for n in &names {
                 prop_assert!(h.get(n.as_str()).is_none());
             }

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | [`AccessLogLayer`] | starts the access line | writes it when the body ends |
 //! | tower-http `SetSensitiveRequestHeaders` | marks `Authorization`, `Proxy-Authorization`, `Cookie` sensitive | |
+//! | [`BrowserCorsLayer`] (with `cors`) | answers CORS preflights | `Access-Control-Allow-Origin` for allowed origins |
 //! | [`ProtectedResourceLayer`] | answers the RFC 9728 metadata document | |
 //! | [`BearerAuthLayer`](crate::inbound::BearerAuthLayer) | validates the bearer token, or answers the challenge | |
 //! | [`TokenExchangeLayer`](crate::exchange::TokenExchangeLayer) (exchange mode) | swaps in the exchanged token, or answers the failure | |
@@ -12,6 +13,7 @@
 //! | [`Forward`] | rewrites the headers, sends to the backend | streams its response back |
 
 pub mod access_log;
+pub mod cors;
 pub mod forward;
 pub mod headers;
 pub mod upstream;
@@ -28,9 +30,11 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::{ResponseBodyTimeoutLayer, TimeoutBody};
 
 pub use access_log::{AccessLog, AccessLogLayer, LoggedBody};
+pub use cors::BrowserCorsLayer;
 pub use forward::{Forward, Upstream};
 pub use headers::ClientIp;
 
+use crate::config::Config;
 use crate::error::ResponseBody;
 use crate::exchange::{Exchanger, TokenExchangeLayer};
 use crate::inbound::BearerAuthLayer;
@@ -55,7 +59,10 @@ pub type Layers = ServiceBuilder<
                 BearerAuthLayer<Option<Arc<Exchanger>>>,
                 Stack<
                     ProtectedResourceLayer,
-                    Stack<SetSensitiveRequestHeadersLayer, Stack<AccessLogLayer, Identity>>,
+                    Stack<
+                        tower::util::Either<BrowserCorsLayer, Identity>,
+                        Stack<SetSensitiveRequestHeadersLayer, Stack<AccessLogLayer, Identity>>,
+                    >,
                 >,
             >,
         >,
@@ -63,14 +70,15 @@ pub type Layers = ServiceBuilder<
 >;
 
 /// The layers of the request path (see the module documentation).
-pub fn layers(protection: &Protection, idle_timeout: Option<Duration>) -> Layers {
+pub fn layers(protection: &Protection, config: &Config) -> Layers {
     ServiceBuilder::new()
         .layer(AccessLogLayer::new(protection.metrics.clone()))
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
+        .option_layer(config.cors.as_ref().map(BrowserCorsLayer::new))
         .layer(ProtectedResourceLayer::new(protection.resource.clone()))
         .layer(protection.bearer_auth())
         .layer(exchange_or_passthrough(protection))
-        .layer(idle_timeout_layer(idle_timeout))
+        .layer(idle_timeout_layer(config.upstream.idle_timeout))
 }
 
 /// The exchange layer in exchange mode; in passthrough mode, nothing but the body type the
@@ -86,7 +94,7 @@ fn exchange_or_passthrough(protection: &Protection) -> ExchangeOrPassthrough {
         // Passthrough mode: `Protection` has no exchange-mode state without an exchanger, so
         // the client's token cannot slip through for want of one.
         None => {
-            let passed: fn(BackendBody) -> ResponseBody<BackendBody> = Either::Left;
+            let passed: fn(BackendBody) -> ResponseBody<BackendBody> = ResponseBody::inner;
             tower::util::Either::Right(MapResponseBodyLayer::new(passed))
         }
     }

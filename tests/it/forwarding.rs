@@ -216,7 +216,8 @@ async fn request_is_forwarded_unchanged_with_forwarding_headers() {
     assert_eq!(h["host"], backend.addr.to_string());
     assert_eq!(h["x-forwarded-host"], "mcp.example.com");
     assert_eq!(h["x-forwarded-proto"], "http");
-    assert_eq!(h["x-forwarded-for"], "192.0.2.1, 127.0.0.1");
+    // The client is no trusted proxy: its X-Forwarded-For is replaced by its own address.
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
     assert_eq!(h["mcp-session-id"], "s-1");
     assert_eq!(h["last-event-id"], "41");
     assert_eq!(h["mcp-protocol-version"], "2025-11-25");

@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod exchange;
 mod forwarding;
+mod hardening;
 mod inbound;
 mod shutdown;
 mod upstream_pool;

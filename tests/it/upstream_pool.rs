@@ -5,38 +5,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::support::issuer::{Issuer, Key};
-use crate::support::keepalive::{self, Closing, KeepAliveBackend};
-use crate::support::{client, eventually, proxy};
-
-/// A passthrough proxy in front of `backend` with `upstream` extra keys; returns the proxy and
-/// a valid token for it.
-async fn setup(
-    backend: &KeepAliveBackend,
-    upstream: &str,
-) -> (token_exchange_proxy::server::Running, String, Issuer) {
-    let issuer = Issuer::start().await;
-    let key = Key::ec("ec-1");
-    issuer.publish(&[&key]);
-    let p = proxy(&format!(
-        "mode: passthrough\nupstream: {{url: '{}'{upstream}}}\ninbound: {{issuer: '{}', jwks_uri: '{}', audiences: [mcp]}}\n",
-        backend.url(),
-        issuer.url(),
-        issuer.jwks_uri(),
-    ))
-    .await;
-    let ready = eventually(Duration::from_secs(10), async || {
-        client()
-            .get(format!("http://{}/readyz", p.admin_addr))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "proxy never became ready");
-    let token = key.sign(&key.header(), &issuer.claims("mcp", ""));
-    (p, token, issuer)
-}
+use crate::support::keepalive::{self, Closing};
+use crate::support::{client, signed};
 
 /// Sends `n` requests spaced `gap` apart through `client` and returns their statuses.
 async fn spaced(
@@ -69,8 +39,8 @@ async fn posts_never_meet_a_connection_the_backend_has_closed() {
     // the backend is closing. With the default pool_idle_timeout (1 s) the proxy has let go
     // of the connection first.
     let backend = keepalive::start(Duration::from_secs(1), Closing::RacingTheReuse).await;
-    let (p, token, _issuer) = setup(&backend, "").await;
-    let url = format!("http://{}/mcp", p.addr);
+    let s = signed(&backend.url(), "", "", "").await;
+    let (url, token) = (s.url("/mcp"), s.token.clone());
     let statuses = spaced(
         &client(),
         &url,
@@ -89,8 +59,8 @@ async fn posts_spaced_at_the_backends_keep_alive_all_succeed() {
     // aiohttp with keepalive_timeout=1.0, POSTs one second apart: the reproduction that
     // failed about one request in twenty with a 90 s pool.
     let backend = keepalive::start(Duration::from_secs(1), Closing::AtTimeout).await;
-    let (p, token, _issuer) = setup(&backend, "").await;
-    let url = format!("http://{}/mcp", p.addr);
+    let s = signed(&backend.url(), "", "", "").await;
+    let (url, token) = (s.url("/mcp"), s.token.clone());
     let statuses = spaced(&client(), &url, &token, true, 12, Duration::from_secs(1)).await;
     assert_eq!(statuses, vec![200; 12]);
 }
@@ -99,8 +69,8 @@ async fn posts_spaced_at_the_backends_keep_alive_all_succeed() {
 async fn a_get_that_meets_a_closed_connection_is_retried_once_on_a_new_one() {
     // A pool that keeps connections far longer than the backend does: only the retry helps.
     let backend = keepalive::start(Duration::from_millis(300), Closing::RacingTheReuse).await;
-    let (p, token, _issuer) = setup(&backend, ", pool_idle_timeout: 1h").await;
-    let url = format!("http://{}/mcp", p.addr);
+    let s = signed(&backend.url(), ", pool_idle_timeout: 1h", "", "").await;
+    let (url, token) = (s.url("/mcp"), s.token.clone());
     let statuses = spaced(
         &client(),
         &url,
@@ -120,8 +90,8 @@ async fn a_get_that_meets_a_closed_connection_is_retried_once_on_a_new_one() {
 #[tokio::test]
 async fn a_post_with_a_body_is_not_replayed() {
     let backend = keepalive::start(Duration::from_millis(300), Closing::RacingTheReuse).await;
-    let (p, token, _issuer) = setup(&backend, ", pool_idle_timeout: 1h").await;
-    let url = format!("http://{}/mcp", p.addr);
+    let s = signed(&backend.url(), ", pool_idle_timeout: 1h", "", "").await;
+    let (url, token) = (s.url("/mcp"), s.token.clone());
     let statuses = spaced(&client(), &url, &token, true, 2, Duration::from_millis(500)).await;
     // The body went with the first attempt: the backend saw the request once, and the client
     // is told it failed rather than having it sent twice.

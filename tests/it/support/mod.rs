@@ -82,6 +82,7 @@ fn full(s: impl Into<Bytes>) -> BoxBody {
 /// - `/delay?ms=2000`: answers 200 after `ms`.
 /// - `/upload`: reads the whole body chunk by chunk and answers with its length.
 /// - `/stall`: never answers.
+/// - `/challenge`: 401 with a `WWW-Authenticate` naming the backend's own address.
 /// - anything else: 200 with a JSON echo of method, path and headers.
 pub async fn echo() -> Echo {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
@@ -172,6 +173,17 @@ async fn route(e: Echo, req: Request<Incoming>) -> Response<BoxBody> {
             tokio::time::sleep(Duration::from_millis(num("ms", 2000))).await;
             Response::new(full("done"))
         }
+        "/challenge" => Response::builder()
+            .status(401)
+            .header(
+                "www-authenticate",
+                format!(
+                    "Bearer realm=\"http://{}/internal\", error=\"invalid_token\"",
+                    e.addr
+                ),
+            )
+            .body(full("{}"))
+            .expect("response"),
         "/stall" => {
             std::future::pending::<()>().await;
             unreachable!()
@@ -400,4 +412,58 @@ pub async fn get(url: &str) -> (StatusCode, HeaderMap, String) {
     let status = resp.status();
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.expect("body"))
+}
+
+/// A passthrough proxy in front of `upstream` whose tokens come from an in-process issuer
+/// (JWKS on loopback), ready to serve, and a valid token for it (`aud` = `mcp`).
+pub struct Signed {
+    pub proxy: Running,
+    pub issuer: issuer::Issuer,
+    pub key: issuer::Key,
+    pub token: String,
+}
+
+impl Signed {
+    /// `http://PROXY` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy.addr)
+    }
+
+    /// Another token of the issuer's, with `claims` changed by `change`.
+    pub fn token_with(&self, change: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut claims = self.issuer.claims("mcp", "");
+        change(&mut claims);
+        self.key.sign(&self.key.header(), &claims)
+    }
+}
+
+/// Starts [`Signed`]: `upstream` extra keys go inside `upstream: {…}`, `inbound` extra keys
+/// inside `inbound: {…}`, and `top` is appended at the top level.
+pub async fn signed(upstream_url: &str, upstream: &str, inbound: &str, top: &str) -> Signed {
+    let issuer = issuer::Issuer::start().await;
+    let key = issuer::Key::ec("ec-1");
+    issuer.publish(&[&key]);
+    let proxy = proxy(&format!(
+        "mode: passthrough\nupstream: {{url: '{upstream_url}'{upstream}}}\ninbound: {{issuer: '{}', jwks_uri: '{}', audiences: [mcp]{inbound}}}\n{top}",
+        issuer.url(),
+        issuer.jwks_uri(),
+    ))
+    .await;
+    let admin = proxy.admin_addr;
+    let ready = eventually(Duration::from_secs(10), async || {
+        client()
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "proxy never became ready");
+    let token = key.sign(&key.header(), &issuer.claims("mcp", ""));
+    Signed {
+        proxy,
+        issuer,
+        key,
+        token,
+    }
 }
