@@ -79,7 +79,7 @@ def backend_a(workdir: Path, idp: Idp) -> Iterator[BackendA]:
 def exchange_config(idp: Idp, proxy_client: Client, upstream: str, resource: list[str] | None = None,
                     audience: list[str] | None = None, scope: str = BACKEND_A_SCOPE,
                     port: int | None = None) -> dict:
-    """The proxy config of exchange mode, keys as in SPEC.md."""
+    """The proxy config of exchange mode, keys as in the README's configuration reference."""
     exchange: dict = {
         "client_id": proxy_client.client_id,
         "client_auth": {"method": "client_secret_basic"},

@@ -195,6 +195,8 @@ pub struct Metrics {
     pub cache_coalesced: AtomicU64,
     /// Filled in at render time (the cache knows its own size).
     pub cache_entries: AtomicU64,
+    /// Calls to the token endpoint in flight (`exchange.max_concurrent` bounds it).
+    pub exchange_inflight: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -213,6 +215,7 @@ impl Default for Metrics {
             cache_misses: AtomicU64::new(0),
             cache_coalesced: AtomicU64::new(0),
             cache_entries: AtomicU64::new(0),
+            exchange_inflight: AtomicU64::new(0),
         }
     }
 }
@@ -310,6 +313,11 @@ impl Metrics {
             out,
             "# HELP txp_exchange_cache_entries Exchanged tokens held in the cache.\n# TYPE txp_exchange_cache_entries gauge\ntxp_exchange_cache_entries {}",
             self.cache_entries.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP txp_exchange_inflight Calls to the token endpoint in flight.\n# TYPE txp_exchange_inflight gauge\ntxp_exchange_inflight {}",
+            self.exchange_inflight.load(Ordering::Relaxed)
         );
         out
     }

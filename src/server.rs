@@ -1,8 +1,9 @@
 //! Wiring: bind the listeners, build the components, serve, drain.
 //!
 //! [`start`] binds both listeners (after the config was validated), builds the validator
-//! and exchanger ([`Protection`]) and the request path ([`proxy::layers`]), and serves; [`Running::shutdown`] runs the drain sequence of SPEC
-//! "Shutdown"; [`Running::wait`] resolves when it is over.
+//! and exchanger ([`Protection`]) and the request path ([`proxy::layers`]), and serves;
+//! [`Running::shutdown`] runs the drain sequence of README "Shutdown"; [`Running::wait`]
+//! resolves when it is over.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Signals and the drain sequence (SPEC "Shutdown").
+//! Signals and the drain sequence (README "Shutdown").
 //!
 //! SIGTERM or SIGINT → `/readyz` 503 → keep serving for `shutdown.drain_delay` → stop
 //! accepting → in-flight requests (open SSE streams too) get up to `shutdown.timeout` → exit 0.

@@ -38,6 +38,12 @@ pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8192;
 /// The IdP answers a token request in well under a second when it is healthy.
 pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Calls to the token endpoint at once: far above a healthy IdP's needs (a cached token costs
+/// none), low enough that a burst of new tokens cannot flood it.
+pub const DEFAULT_EXCHANGE_MAX_CONCURRENT: usize = 64;
+/// How long an IdP's refusal of a subject token is remembered: retries with the same token
+/// get the same answer without an IdP call; short, as a refusal may be fixed at the IdP.
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(10);
 /// Enough for every active user of one backend; about 1 KiB each.
 pub const DEFAULT_CACHE_MAX_ENTRIES: u64 = 100_000;
 /// Bounds how long a revoked subject token can still be honoured through the cache.
@@ -182,6 +188,11 @@ pub struct Exchange {
     pub extra_params: BTreeMap<String, String>,
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+    /// Token-endpoint calls in flight at most; more wait (within `timeout`).
+    pub max_concurrent: usize,
+    /// How long a refusal of a subject token is remembered (zero: not at all).
+    #[serde(serialize_with = "ser_duration")]
+    pub negative_ttl: Duration,
 }
 
 /// `idp_tls.*`
@@ -604,6 +615,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             if timeout.is_zero() {
                 c.problem("exchange.timeout", "must be greater than 0");
             }
+            let max_concurrent = e.max_concurrent.unwrap_or(DEFAULT_EXCHANGE_MAX_CONCURRENT);
+            if max_concurrent == 0 {
+                c.problem("exchange.max_concurrent", "must be at least 1");
+            }
+            let negative_ttl = c.duration(
+                "exchange.negative_ttl",
+                e.negative_ttl.as_deref(),
+                DEFAULT_NEGATIVE_TTL,
+            );
             for r in e.resource.iter().flatten() {
                 // RFC 8707 §2: an absolute URI without a fragment.
                 match Url::parse(r) {
@@ -632,6 +652,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
                 extra_params,
                 timeout,
+                max_concurrent,
+                negative_ttl,
             })
         }
     };

@@ -1,6 +1,6 @@
 //! The config file as written: every key optional, unknown keys rejected.
 //!
-//! These types mirror the YAML layout of SPEC "Config file" one to one. They carry no defaults
+//! These types mirror the YAML layout of README "Configuration reference" one to one. They carry no defaults
 //! and no validation; [`super::validate`] turns them into a [`super::Config`].
 
 use std::collections::BTreeMap;
@@ -91,6 +91,8 @@ pub struct RawExchange {
     pub requested_token_type: Option<String>,
     pub extra_params: Option<BTreeMap<String, String>>,
     pub timeout: Option<String>,
+    pub max_concurrent: Option<usize>,
+    pub negative_ttl: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -133,7 +135,7 @@ pub struct RawShutdown {
     pub timeout: Option<String>,
 }
 
-/// Not in the SPEC's sample: the file-level equivalent of `--log-format` and `--log-level`.
+/// The file-level equivalent of `--log-format` and `--log-level`.
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {

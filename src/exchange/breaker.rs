@@ -2,7 +2,9 @@
 //!
 //! When the IdP is down, every cache miss would otherwise wait for a connect error or the full
 //! `exchange.timeout`, and a recovering IdP would be hit by every client's retry at once. The
-//! breaker counts consecutive *availability* failures (transport errors, timeouts, 5xx, 429):
+//! breaker counts consecutive failures: the IdP unavailable (transport errors, timeouts, 5xx,
+//! 429), and the IdP refusing the proxy itself (`invalid_client`, any 401/403): a proxy with a
+//! wrong secret must not send every request to the IdP (Keycloak locks such clients out).
 //!
 //! - **Closed**: calls go through. After [`DEFAULT_FAILURE_THRESHOLD`] consecutive failures
 //!   the circuit opens.
@@ -12,8 +14,9 @@
 //!   answered `Unavailable` with [`PROBE_RETRY_AFTER`] while it runs. A probe that reaches the
 //!   IdP closes the circuit; a probe that fails reopens it for another cool-down.
 //!
-//! Any answer from the IdP that is not an availability failure (a 200, or a 4xx refusing the
-//! subject or the proxy) proves the IdP is up and resets the count.
+//! Any other answer from the IdP (a 200, or a 4xx refusing the subject token) proves the IdP
+//! is up and the proxy welcome, and resets the count. An IdP that answers with `Retry-After`
+//! holds the circuit open that long, whatever the count (RFC 9110 §10.2.3).
 //!
 //! Time is [`tokio::time::Instant`], so tests drive the breaker with a paused clock.
 
@@ -31,6 +34,17 @@ pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
 pub const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(10);
 /// `Retry-After` given while the half-open probe is in flight: it will be decided shortly.
 pub const PROBE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// What one call told about the IdP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    /// It answered, and not against the proxy.
+    Up,
+    /// It could not be reached, failed (5xx, 429), or refused the proxy's own credentials.
+    Down,
+    /// It asked not to be called for this long (`Retry-After`).
+    Resting(Duration),
+}
 
 /// The breaker's thresholds. The defaults are the consts above; tests shorten them through
 /// [`super::ExchangerOptions`] (there is deliberately no config key for them).
@@ -125,19 +139,25 @@ impl Breaker {
 }
 
 impl Permit<'_> {
-    /// Records the call's outcome: `available` is false for a transport error, a timeout, a
-    /// 5xx or a 429, true for any other answer from the IdP.
-    pub(crate) fn record(mut self, available: bool, now: Instant) {
+    /// Records what the call told about the IdP.
+    pub(crate) fn record(mut self, health: Health, now: Instant) {
         self.recorded = true;
         let settings = self.breaker.settings;
         let mut state = self.breaker.lock();
-        *state = match (*state, available) {
-            (_, true) => BreakerState::Closed { failures: 0 },
+        *state = match (*state, health) {
+            (_, Health::Up) => BreakerState::Closed { failures: 0 },
+            (current, Health::Resting(rest)) => {
+                let until = now + rest;
+                match current {
+                    BreakerState::Open { until: later } if later > until => current,
+                    _ => BreakerState::Open { until },
+                }
+            }
             // A failed probe reopens the circuit for a full cool-down.
-            (BreakerState::HalfOpen { .. }, false) => BreakerState::Open {
+            (BreakerState::HalfOpen { .. }, Health::Down) => BreakerState::Open {
                 until: now + settings.cool_down,
             },
-            (BreakerState::Closed { failures }, false) => {
+            (BreakerState::Closed { failures }, Health::Down) => {
                 let failures = failures.saturating_add(1);
                 if failures >= settings.failure_threshold {
                     BreakerState::Open {
@@ -148,7 +168,7 @@ impl Permit<'_> {
                 }
             }
             // Opened meanwhile by concurrent calls (different keys): stay open.
-            (open @ BreakerState::Open { .. }, false) => open,
+            (open @ BreakerState::Open { .. }, Health::Down) => open,
         };
     }
 }
@@ -174,7 +194,33 @@ mod tests {
     };
 
     fn fail(b: &Breaker, now: Instant) {
-        b.try_acquire(now).expect("permit").record(false, now);
+        b.try_acquire(now)
+            .expect("permit")
+            .record(Health::Down, now);
+    }
+
+    #[test]
+    fn retry_after_holds_the_circuit_open_that_long() {
+        let b = Breaker::new(SETTINGS);
+        let t0 = Instant::now();
+        b.try_acquire(t0)
+            .expect("permit")
+            .record(Health::Resting(Duration::from_secs(120)), t0);
+        assert_eq!(
+            b.state(),
+            BreakerState::Open {
+                until: t0 + Duration::from_secs(120)
+            },
+            "one answer with Retry-After is enough"
+        );
+        let wait = b
+            .try_acquire(t0 + Duration::from_secs(100))
+            .expect_err("still open past the cool-down");
+        assert_eq!(wait, Duration::from_secs(20));
+        assert!(
+            b.try_acquire(t0 + Duration::from_secs(120)).is_ok(),
+            "then a probe"
+        );
     }
 
     #[test]
@@ -203,7 +249,7 @@ mod tests {
         let t0 = Instant::now();
         fail(&b, t0);
         fail(&b, t0);
-        b.try_acquire(t0).expect("permit").record(true, t0);
+        b.try_acquire(t0).expect("permit").record(Health::Up, t0);
         fail(&b, t0);
         fail(&b, t0);
         assert_eq!(b.state(), BreakerState::Closed { failures: 2 });
@@ -223,7 +269,7 @@ mod tests {
             b.try_acquire(later).expect_err("probe in flight"),
             PROBE_RETRY_AFTER
         );
-        probe.record(true, later);
+        probe.record(Health::Up, later);
         assert_eq!(b.state(), BreakerState::Closed { failures: 0 });
         assert!(b.try_acquire(later).is_ok());
     }
@@ -236,7 +282,7 @@ mod tests {
             fail(&b, t0);
         }
         let t1 = t0 + SETTINGS.cool_down + Duration::from_secs(1);
-        b.try_acquire(t1).expect("probe").record(false, t1);
+        b.try_acquire(t1).expect("probe").record(Health::Down, t1);
         assert_eq!(
             b.state(),
             BreakerState::Open {
@@ -267,7 +313,7 @@ mod tests {
         // Three calls in flight before the circuit opened; all fail.
         let permits: Vec<_> = (0..4).map(|_| b.try_acquire(t0).expect("closed")).collect();
         for p in permits {
-            p.record(false, t0 + Duration::from_secs(1));
+            p.record(Health::Down, t0 + Duration::from_secs(1));
         }
         assert_eq!(
             b.state(),

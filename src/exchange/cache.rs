@@ -1,4 +1,4 @@
-//! The exchanged-token cache: key derivation and entry lifetimes (SPEC "Cache").
+//! The exchanged-token cache: key derivation and entry lifetimes (README "Caches, refreshes and the IdP circuit").
 //!
 //! **Key.** A SHA-256 digest over length-prefixed fields: a domain tag, every parameter of
 //! the exchange (issuer, configured token endpoint, client id, token types, audiences,
@@ -298,7 +298,7 @@ pub(crate) fn entry_lifetime(
         .fold(max_ttl, Duration::min)
 }
 
-/// How long an entry may be served: its lifetime minus the expiry margin (SPEC: "an entry
+/// How long an entry may be served: its lifetime minus the expiry margin (README "Caches, refreshes and the IdP circuit": "an entry
 /// within `expiry_margin` of its end is not served"). Zero means "do not cache".
 pub(crate) fn serve_window(lifetime: Duration, margin: Duration) -> Duration {
     lifetime.saturating_sub(margin)
@@ -332,6 +332,8 @@ mod tests {
             requested_token_type: crate::config::ACCESS_TOKEN_TYPE.into(),
             extra_params: BTreeMap::new(),
             timeout: Duration::from_secs(5),
+            max_concurrent: 64,
+            negative_ttl: Duration::from_secs(10),
         }
     }
 

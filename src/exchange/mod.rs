@@ -13,12 +13,12 @@
 //!    (failures are never kept).
 //! 3. A [`breaker`] stops calling an IdP that keeps failing and answers `Unavailable` at once.
 //!
-//! Failures are split by whose fault they are ([`ExchangeError`], SPEC "Exchange outcomes").
+//! Failures are split by whose fault they are ([`ExchangeError`], README "HTTP behaviour").
 //! The token endpoint comes from `exchange.token_endpoint`, else from discovery of
 //! `exchange.issuer`, retried in the background; until it is known `/readyz` reports
 //! `token_endpoint` pending and exchanges answer `Unavailable`.
 //!
-//! Decisions where SPEC is silent:
+//! Decisions beyond the RFCs:
 //! - An exchange whose cacheable window is empty (the subject token or the issued token
 //!   expires within `expiry_margin`) is still used, for the request that made it and any
 //!   requests coalesced onto it, but is not kept: refusing a client whose token is still
@@ -52,7 +52,7 @@ use crate::inbound::Principal;
 use crate::metrics::{ExchangeResult, Metrics};
 use crate::readiness::Readiness;
 
-use breaker::Breaker;
+use breaker::{Breaker, Health};
 pub use breaker::{BreakerSettings, BreakerState};
 pub use cache::CacheKey;
 use cache::{CachedToken, KeyDeriver};
@@ -61,7 +61,7 @@ pub use client_auth::CredentialError;
 pub use layer::{TokenExchange, TokenExchangeLayer};
 use request::FormTemplate;
 use response::{Refusal, Unusable};
-use store::Store;
+use store::{Refusals, Store};
 
 /// The `/readyz` item pending until the token endpoint is known.
 pub const READINESS_ITEM: &str = "token_endpoint";
@@ -112,7 +112,7 @@ impl Exchanged {
     }
 }
 
-/// Why an exchange failed, split by whose fault it is (SPEC "Exchange outcomes").
+/// Why an exchange failed, split by whose fault it is (README "HTTP behaviour").
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExchangeError {
     /// The IdP refused the subject token: 401 `invalid_token`.
@@ -142,7 +142,7 @@ pub enum SetupError {
     Credentials(#[from] CredentialError),
 }
 
-/// Settings that have no config key (SPEC defines none); tests shorten them.
+/// Settings that have no config key (there are none); tests shorten them.
 #[derive(Debug, Clone)]
 pub struct ExchangerOptions {
     /// Circuit breaker thresholds; default [`breaker::DEFAULT_FAILURE_THRESHOLD`] failures,
@@ -164,6 +164,10 @@ impl Default for ExchangerOptions {
 /// Exchanges subject tokens, with a cache.
 pub struct Exchanger {
     cache: Store,
+    /// Subject tokens the IdP refused, remembered for `exchange.negative_ttl`.
+    refusals: Refusals,
+    /// Bounds the calls to the token endpoint in flight (`exchange.max_concurrent`).
+    calls: tokio::sync::Semaphore,
     keys: KeyDeriver,
     form: FormTemplate,
     auth: ClientAuthenticator,
@@ -232,6 +236,8 @@ impl Exchanger {
         }
         Ok(Self {
             cache: Store::new(cache.max_entries),
+            refusals: Refusals::new(cache.max_entries, config.negative_ttl),
+            calls: tokio::sync::Semaphore::new(config.max_concurrent),
             keys: KeyDeriver::new(config),
             form: FormTemplate::new(config),
             auth,
@@ -290,7 +296,7 @@ impl Exchanger {
             .await
     }
 
-    /// The cache key of `subject` (SPEC "Cache": SHA-256 over the length-prefixed exchange
+    /// The cache key of `subject` (README "Caches, refreshes and the IdP circuit": SHA-256 over the length-prefixed exchange
     /// parameters and the subject token).
     pub fn key(&self, subject: &str) -> CacheKey {
         self.keys.key(subject.as_bytes())
@@ -332,6 +338,10 @@ impl Exchanger {
         if let Some(hit) = self.serve_cached(&key, principal).await {
             return Ok(hit);
         }
+        // Refused a moment ago: the same answer, without asking the IdP again.
+        if let Some(refused) = self.refusals.get(&key, Instant::now()).await {
+            return Err(refused);
+        }
         // Single flight: concurrent callers for this key wait for one exchange and share its
         // result, a failure included.
         let called = AtomicBool::new(false);
@@ -339,7 +349,14 @@ impl Exchanger {
             .cache
             .get_or_exchange(key, async {
                 called.store(true, Ordering::Relaxed);
-                self.call_idp(subject, principal).await
+                let outcome = self.call_idp(subject, principal).await;
+                if let Err(
+                    e @ (ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. }),
+                ) = &outcome
+                {
+                    self.refusals.insert(key, e.clone(), Instant::now()).await;
+                }
+                outcome
             })
             .await;
         let status = if called.load(Ordering::Relaxed) {
@@ -409,6 +426,20 @@ impl Exchanger {
                 });
             }
         };
+        // At most `exchange.max_concurrent` calls at once; the others wait their turn, for no
+        // longer than a call itself may take.
+        let Ok(Ok(_slot)) = tokio::time::timeout(self.timeout, self.calls.acquire()).await else {
+            tracing::warn!(
+                "token exchange: exchange.max_concurrent calls in flight; no slot within exchange.timeout"
+            );
+            self.metrics
+                .exchange_requests
+                .inc(ExchangeResult::Unavailable);
+            return Err(ExchangeError::Unavailable {
+                retry_after: response::DEFAULT_RETRY_AFTER,
+            });
+        };
+        let _inflight = Inflight::count(&self.metrics);
         let credentials = match self.auth.credentials(endpoint).await {
             Ok(c) => c,
             Err(e) => {
@@ -432,8 +463,8 @@ impl Exchanger {
         .await;
         self.metrics.exchange_duration.observe(started.elapsed());
 
-        let (outcome, idp_available) = self.judge(answer, principal);
-        permit.record(idp_available, Instant::now());
+        let (outcome, health) = self.judge(answer, principal);
+        permit.record(health, Instant::now());
         self.metrics.exchange_requests.inc(match &outcome {
             Ok(_) => ExchangeResult::Success,
             Err(ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. }) => {
@@ -446,13 +477,13 @@ impl Exchanger {
         outcome
     }
 
-    /// Turns the IdP's answer into a cache entry or an error, logging why; the flag says
-    /// whether the IdP was available (for the breaker).
+    /// Turns the IdP's answer into a cache entry or an error, logging why, with what it told
+    /// about the IdP (for the breaker).
     fn judge(
         &self,
         answer: Result<request::Answer, IdpError>,
         principal: &Principal,
-    ) -> (Result<CachedToken, ExchangeError>, bool) {
+    ) -> (Result<CachedToken, ExchangeError>, Health) {
         let answer = match answer {
             Ok(a) => a,
             Err(e) => {
@@ -462,7 +493,10 @@ impl Exchanger {
                     "token exchange: the IdP cannot be reached"
                 );
                 let retry_after = response::DEFAULT_RETRY_AFTER;
-                return (Err(ExchangeError::Unavailable { retry_after }), false);
+                return (
+                    Err(ExchangeError::Unavailable { retry_after }),
+                    Health::Down,
+                );
             }
         };
         let status = answer.status.as_u16();
@@ -475,14 +509,14 @@ impl Exchanger {
                     response::parse_success(body, &self.requested_token_type, SystemTime::now())
                 });
             return match issued {
-                Ok(issued) => (Ok(self.entry(issued, principal)), true),
+                Ok(issued) => (Ok(self.entry(issued, principal)), Health::Up),
                 Err(why) => {
                     tracing::warn!(
                         status,
                         reason = why.as_str(),
                         "token exchange: the IdP's response is unusable"
                     );
-                    (Err(ExchangeError::InvalidResponse), true)
+                    (Err(ExchangeError::InvalidResponse), Health::Up)
                 }
             };
         }
@@ -494,7 +528,7 @@ impl Exchanger {
         match response::classify(answer.status, code.as_deref()) {
             Refusal::Subject => {
                 tracing::info!(status, error = %logged, "token exchange: the IdP rejected the subject token");
-                (Err(ExchangeError::SubjectRejected), true)
+                (Err(ExchangeError::SubjectRejected), Health::Up)
             }
             Refusal::Scope => {
                 tracing::info!(status, error = %logged, "token exchange: the IdP rejected the scope");
@@ -502,23 +536,27 @@ impl Exchanger {
                     Err(ExchangeError::ScopeRejected {
                         scope: self.scope.clone(),
                     }),
-                    true,
+                    Health::Up,
                 )
             }
             Refusal::Client => {
                 tracing::error!(status, error = %logged, "token exchange: the IdP rejected the proxy's client");
-                (Err(ExchangeError::ClientRejected), true)
+                // Counts toward the circuit: a wrong secret must not send every request to
+                // the IdP (which may lock the client out for it).
+                (Err(ExchangeError::ClientRejected), Health::Down)
             }
             Refusal::Unavailable => {
-                let retry_after =
-                    response::retry_after(answer.retry_after.as_ref(), SystemTime::now());
+                let asked =
+                    response::retry_after_sent(answer.retry_after.as_ref(), SystemTime::now());
+                let retry_after = asked.unwrap_or(response::DEFAULT_RETRY_AFTER);
                 tracing::warn!(status, error = %logged, "token exchange: the IdP is unavailable");
-                (Err(ExchangeError::Unavailable { retry_after }), false)
+                let health = asked.map_or(Health::Down, Health::Resting);
+                (Err(ExchangeError::Unavailable { retry_after }), health)
             }
         }
     }
 
-    /// The cache entry for an issued token (SPEC "Cache": earliest end, minus the margin),
+    /// The cache entry for an issued token (README "Caches, refreshes and the IdP circuit": earliest end, minus the margin),
     /// resting on the subject's acceptance.
     fn entry(&self, issued: response::Issued, principal: &Principal) -> CachedToken {
         let subject = principal
@@ -542,6 +580,22 @@ impl Exchanger {
         }
         CachedToken::new(issued.authorization, window, lifetime, Instant::now())
             .resting_on(principal)
+    }
+}
+
+/// Counts one call to the token endpoint in `txp_exchange_inflight` while it lives.
+struct Inflight<'a>(&'a Metrics);
+
+impl<'a> Inflight<'a> {
+    fn count(metrics: &'a Metrics) -> Self {
+        metrics.exchange_inflight.fetch_add(1, Ordering::Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.exchange_inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

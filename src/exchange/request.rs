@@ -149,6 +149,8 @@ mod tests {
             requested_token_type: "urn:ietf:params:oauth:token-type:jwt".into(),
             extra_params: BTreeMap::from([("tenant".to_string(), "a&b=c".to_string())]),
             timeout: Duration::from_secs(5),
+            max_concurrent: 64,
+            negative_ttl: Duration::from_secs(10),
         };
         let form = FormTemplate::new(&config);
         let body = form.body(
@@ -192,6 +194,8 @@ mod tests {
             requested_token_type: ACCESS_TOKEN_TYPE.into(),
             extra_params: BTreeMap::new(),
             timeout: Duration::from_secs(5),
+            max_concurrent: 64,
+            negative_ttl: Duration::from_secs(10),
         };
         let body = FormTemplate::new(&config).body("t", &[]);
         let keys: Vec<String> = pairs(&body).into_iter().map(|(k, _)| k).collect();

@@ -1,6 +1,6 @@
 //! Reading the token endpoint's answer: the success response checked before use
 //! (RFC 8693 §2.2.1), and error responses (RFC 6749 §5.2, RFC 8693 §2.2.2) sorted by whose
-//! fault they are (SPEC "Exchange outcomes").
+//! fault they are (README "HTTP behaviour").
 //!
 //! Nothing from the IdP's body reaches the client, and only the `error` code reaches the log,
 //! reduced to `[a-z_]` and truncated (`sanitize_code`).
@@ -16,8 +16,9 @@ use serde::Deserialize;
 
 /// `Retry-After` when the IdP gives none: long enough not to hammer a struggling IdP.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// The longest `Retry-After` passed on: an IdP asking for hours would park clients for hours.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The longest `Retry-After` honoured (and passed on): an IdP asking for hours would park
+/// clients, and the proxy's circuit, for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// The shortest `Retry-After` given (HTTP has whole seconds; zero invites a busy loop).
 pub const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The scheme prefix of the header value built from the issued token.
@@ -56,6 +57,7 @@ pub(crate) enum Unusable {
     TokenNotHeaderSafe,
     TokenTypeNotBearer,
     IssuedTokenTypeMismatch,
+    NoIssuedTokenType,
     BadExpiresIn,
     AlreadyExpired,
     TooLarge,
@@ -69,6 +71,7 @@ impl Unusable {
             Unusable::TokenNotHeaderSafe => "access_token has characters not allowed in a header",
             Unusable::TokenTypeNotBearer => "token_type is not Bearer",
             Unusable::IssuedTokenTypeMismatch => "issued_token_type is not the requested one",
+            Unusable::NoIssuedTokenType => "no issued_token_type",
             Unusable::BadExpiresIn => "expires_in is not a non-negative number",
             Unusable::AlreadyExpired => "the issued token is already expired",
             Unusable::TooLarge => "the response is too large",
@@ -77,8 +80,10 @@ impl Unusable {
 }
 
 /// Checks a 200 response: a non-empty `access_token` that fits in a header, `token_type`
-/// Bearer (case-insensitive, RFC 6749 §5.1), `issued_token_type` equal to the requested one
-/// when present, and a lifetime that has not already run out.
+/// Bearer (case-insensitive, RFC 6749 §5.1), `issued_token_type` present and equal to the
+/// requested one (RFC 8693 §2.2.1 makes it required), and a lifetime that has not already run
+/// out. The lifetime is the earlier of `expires_in` and the issued JWT's `exp`, whichever are
+/// known: an IdP's `expires_in` cannot stretch a token past its own `exp`.
 pub(crate) fn parse_success(
     body: &[u8],
     requested_token_type: &str,
@@ -96,15 +101,19 @@ pub(crate) fn parse_success(
     {
         return Err(Unusable::TokenTypeNotBearer);
     }
-    if parsed
-        .issued_token_type
-        .is_some_and(|t| t != requested_token_type)
-    {
-        return Err(Unusable::IssuedTokenTypeMismatch);
+    match parsed.issued_token_type {
+        None => return Err(Unusable::NoIssuedTokenType),
+        Some(t) if t != requested_token_type => return Err(Unusable::IssuedTokenTypeMismatch),
+        Some(_) => {}
     }
-    let lifetime = match parsed.expires_in {
+    let by_expires_in = match parsed.expires_in {
         Some(v) => Some(expires_in(&v).ok_or(Unusable::BadExpiresIn)?),
-        None => jwt_exp(&token).map(|exp| exp_remaining(exp, now)),
+        None => None,
+    };
+    let by_exp = jwt_exp(&token).map(|exp| exp_remaining(exp, now));
+    let lifetime = match (by_expires_in, by_exp) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
     if lifetime.is_some_and(|l| l.is_zero()) {
         return Err(Unusable::AlreadyExpired);
@@ -182,18 +191,22 @@ pub(crate) enum Refusal {
     Unavailable,
 }
 
-/// Sorts a non-2xx answer (SPEC "Exchange outcomes").
+/// Sorts a non-2xx answer (README "HTTP behaviour", exchange outcomes).
 ///
 /// 1. 5xx, 429 and 408 are the IdP's own trouble: `Unavailable`, whatever the body says.
-/// 2. Otherwise a known `error` code decides: `invalid_grant`, `invalid_target`,
+/// 2. 401 and 403 refuse the proxy itself, whatever the code: its client authentication
+///    (RFC 6749 §5.2 has `invalid_client` answered with 401). A configuration problem must
+///    never send clients into a re-authentication loop, so this is a 502, never a 401.
+/// 3. Otherwise a known `error` code decides: `invalid_grant`, `invalid_target`,
 ///    `invalid_request` (RFC 8693 §2.2.2, RFC 6749 §5.2) → subject; `invalid_scope` → scope;
-///    `invalid_client`, `unauthorized_client`, `unsupported_grant_type` → client. A few
-///    widespread non-standard codes are understood too: `invalid_token`, `expired_token`,
-///    `token_revoked` → subject; `insufficient_scope`, `scope_escalation` → scope.
-/// 3. Anything else (401 and 403 included, a 400 with an unknown or no code, 404, a redirect)
-///    is the proxy's side: `Client` (502). A 400 we cannot read says nothing about the
-///    subject, and answering 401 would make the client drop a good token and retry in a loop;
-///    a 502 shows up in `txp_exchange_requests_total{result="client_error"}` for the operator.
+///    `invalid_client`, `unauthorized_client`, `unsupported_grant_type`, `access_denied` →
+///    client. A few widespread non-standard codes are understood too: `invalid_token`,
+///    `expired_token`, `token_revoked` → subject; `insufficient_scope`, `scope_escalation` →
+///    scope.
+/// 4. Anything else (a 400 with an unknown or no code, 404, a redirect) is the proxy's side:
+///    `Client` (502). A 400 we cannot read says nothing about the subject, and answering 401
+///    would make the client drop a good token and retry in a loop; a 502 shows up in
+///    `txp_exchange_requests_total{result="client_error"}` for the operator.
 pub(crate) fn classify(status: StatusCode, error_code: Option<&str>) -> Refusal {
     if status.is_server_error()
         || status == StatusCode::TOO_MANY_REQUESTS
@@ -201,13 +214,16 @@ pub(crate) fn classify(status: StatusCode, error_code: Option<&str>) -> Refusal 
     {
         return Refusal::Unavailable;
     }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Refusal::Client;
+    }
     match error_code {
         Some("invalid_grant" | "invalid_target" | "invalid_request") => Refusal::Subject,
         Some("invalid_token" | "expired_token" | "token_revoked") => Refusal::Subject,
         Some("invalid_scope" | "insufficient_scope" | "scope_escalation") => Refusal::Scope,
-        Some("invalid_client" | "unauthorized_client" | "unsupported_grant_type") => {
-            Refusal::Client
-        }
+        Some(
+            "invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "access_denied",
+        ) => Refusal::Client,
         _ => Refusal::Client,
     }
 }
@@ -230,9 +246,10 @@ pub(crate) fn sanitize_code(code: &str) -> String {
         .collect()
 }
 
-/// The IdP's `Retry-After` (RFC 9110 §10.2.3: delta-seconds or an HTTP-date), clamped to
-/// [`MIN_RETRY_AFTER`]..=[`MAX_RETRY_AFTER`]; [`DEFAULT_RETRY_AFTER`] when absent or unreadable.
-pub(crate) fn retry_after(value: Option<&HeaderValue>, now: SystemTime) -> Duration {
+/// The IdP's own `Retry-After` (RFC 9110 §10.2.3: delta-seconds or an HTTP-date), clamped to
+/// [`MIN_RETRY_AFTER`]..=[`MAX_RETRY_AFTER`]; `None` when it sent none (or none that can be
+/// read), and then [`DEFAULT_RETRY_AFTER`] is what clients are told.
+pub(crate) fn retry_after_sent(value: Option<&HeaderValue>, now: SystemTime) -> Option<Duration> {
     let parsed = value
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
@@ -248,9 +265,7 @@ pub(crate) fn retry_after(value: Option<&HeaderValue>, now: SystemTime) -> Durat
                 ))
             }
         });
-    parsed
-        .unwrap_or(DEFAULT_RETRY_AFTER)
-        .clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER)
+    parsed.map(|d| d.clamp(MIN_RETRY_AFTER, MAX_RETRY_AFTER))
 }
 
 /// Rounds a wait up to whole seconds (the unit of `Retry-After`), at least one.
@@ -302,8 +317,7 @@ mod tests {
         assert_eq!(issued.authorization, "Bearer a/b.c");
         assert!(issued.authorization.is_sensitive());
         assert_eq!(
-            parse(r#"{"access_token":"a\u0020b","token_type":"Bearer"}"#)
-                .expect_err("an escaped space is still a space"),
+            parse(&answer("a\\u0020b", "")).expect_err("an escaped space is still a space"),
             Unusable::TokenNotHeaderSafe
         );
     }
@@ -332,27 +346,31 @@ mod tests {
                 Unusable::IssuedTokenTypeMismatch,
             ),
             (
-                r#"{"access_token":"t","token_type":"Bearer","expires_in":-5}"#,
+                r#"{"access_token":"t","token_type":"Bearer","expires_in":300}"#,
+                Unusable::NoIssuedTokenType,
+            ),
+            (
+                r#"{"access_token":"t","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","expires_in":-5}"#,
                 Unusable::BadExpiresIn,
             ),
             (
-                r#"{"access_token":"t","token_type":"Bearer","expires_in":"soon"}"#,
+                r#"{"access_token":"t","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","expires_in":"soon"}"#,
                 Unusable::BadExpiresIn,
             ),
             (
-                r#"{"access_token":"t","token_type":"Bearer","expires_in":0}"#,
+                r#"{"access_token":"t","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","expires_in":0}"#,
                 Unusable::AlreadyExpired,
             ),
             (
-                r#"{"access_token":"a b","token_type":"Bearer"}"#,
+                r#"{"access_token":"a b","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}"#,
                 Unusable::TokenNotHeaderSafe,
             ),
             (
-                r#"{"access_token":"a\r\nX-Injected: 1","token_type":"Bearer"}"#,
+                r#"{"access_token":"a\r\nX-Injected: 1","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}"#,
                 Unusable::TokenNotHeaderSafe,
             ),
             (
-                r#"{"access_token":"tök","token_type":"Bearer"}"#,
+                r#"{"access_token":"tök","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}"#,
                 Unusable::TokenNotHeaderSafe,
             ),
         ];
@@ -361,29 +379,33 @@ mod tests {
         }
     }
 
+    /// A success body with `fields` besides the ones every good answer has.
+    fn answer(token: &str, fields: &str) -> String {
+        format!(
+            r#"{{"access_token":"{token}","token_type":"Bearer","issued_token_type":"{AT}"{fields}}}"#
+        )
+    }
+
     #[test]
-    fn lifetime_falls_back_to_the_issued_jwt_exp() {
+    fn lifetime_is_the_earlier_of_expires_in_and_the_issued_jwt_exp() {
         let token = jwt_with(r#"{"sub":"u","exp":1700000120}"#);
-        let issued = parse(&format!(
-            r#"{{"access_token":"{token}","token_type":"Bearer"}}"#
-        ))
-        .expect("usable");
+        let issued = parse(&answer(&token, "")).expect("usable");
         assert_eq!(issued.lifetime, Some(Duration::from_secs(120)));
-        // expires_in wins over exp.
-        let issued = parse(&format!(
-            r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":"30"}}"#
-        ))
-        .expect("usable");
+        // A shorter expires_in bounds it...
+        let issued = parse(&answer(&token, r#","expires_in":"30""#)).expect("usable");
         assert_eq!(issued.lifetime, Some(Duration::from_secs(30)));
-        // Expired JWT.
+        // ...and a longer one cannot stretch the token past its own exp.
+        let issued = parse(&answer(&token, r#","expires_in":3600"#)).expect("usable");
+        assert_eq!(issued.lifetime, Some(Duration::from_secs(120)));
+        // Expired JWT, whatever expires_in says.
         let old = jwt_with(r#"{"exp":1699999999}"#);
-        assert_eq!(
-            parse(&format!(
-                r#"{{"access_token":"{old}","token_type":"Bearer"}}"#
-            ))
-            .map(|_| ()),
-            Err(Unusable::AlreadyExpired)
-        );
+        for fields in ["", r#","expires_in":300"#] {
+            assert_eq!(
+                parse(&answer(&old, fields)).map(|_| ()),
+                Err(Unusable::AlreadyExpired),
+                "{fields}"
+            );
+        }
         // Opaque token, or a JWT without exp: unknown (max_ttl decides).
         for t in [
             "opaque-token".to_string(),
@@ -391,10 +413,7 @@ mod tests {
             "a.!!!.c".into(),
             "a.b.c.d.e".into(),
         ] {
-            let issued = parse(&format!(
-                r#"{{"access_token":"{t}","token_type":"Bearer"}}"#
-            ))
-            .expect("usable");
+            let issued = parse(&answer(&t, "")).expect("usable");
             assert_eq!(issued.lifetime, None, "{t}");
         }
     }
@@ -406,9 +425,15 @@ mod tests {
             (400, Some("invalid_grant"), Refusal::Subject),
             (400, Some("invalid_target"), Refusal::Subject),
             (400, Some("invalid_request"), Refusal::Subject),
-            (401, Some("token_revoked"), Refusal::Subject),
+            (400, Some("token_revoked"), Refusal::Subject),
             (400, Some("invalid_scope"), Refusal::Scope),
-            (403, Some("scope_escalation"), Refusal::Scope),
+            (400, Some("scope_escalation"), Refusal::Scope),
+            // 401 and 403 refuse the proxy, whatever the code says.
+            (401, Some("token_revoked"), Refusal::Client),
+            (401, Some("invalid_grant"), Refusal::Client),
+            (403, Some("scope_escalation"), Refusal::Client),
+            (403, Some("invalid_scope"), Refusal::Client),
+            (400, Some("access_denied"), Refusal::Client),
             (401, Some("invalid_client"), Refusal::Client),
             (400, Some("invalid_client"), Refusal::Client),
             (400, Some("unauthorized_client"), Refusal::Client),
@@ -449,9 +474,17 @@ mod tests {
     #[test]
     fn retry_after_is_read_and_clamped() {
         let h = |s: &str| HeaderValue::from_str(s).expect("header");
+        let retry_after =
+            |v: Option<&HeaderValue>, now| retry_after_sent(v, now).unwrap_or(DEFAULT_RETRY_AFTER);
         assert_eq!(retry_after(Some(&h("7")), now()), Duration::from_secs(7));
         assert_eq!(retry_after(Some(&h("0")), now()), MIN_RETRY_AFTER);
         assert_eq!(retry_after(Some(&h("86400")), now()), MAX_RETRY_AFTER);
+        assert_eq!(MAX_RETRY_AFTER, Duration::from_secs(300));
+        assert_eq!(retry_after_sent(None, now()), None);
+        assert_eq!(
+            retry_after_sent(Some(&h("120")), now()),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(retry_after(None, now()), DEFAULT_RETRY_AFTER);
         assert_eq!(retry_after(Some(&h("soon")), now()), DEFAULT_RETRY_AFTER);
         let date = httpdate::fmt_http_date(now() + Duration::from_secs(20));

@@ -10,7 +10,9 @@
 //!   kept, or its second request would call the IdP again.
 //! - **Single flight.** Concurrent misses for one key make one exchange
 //!   ([`Store::get_or_exchange`], moka's `try_get_with`): the other callers wait for it and get
-//!   its result, a failure included; a failure is never kept.
+//!   its result, a failure included; a failure is never kept here.
+//!
+//! [`Refusals`] keeps the IdP's refusals of subject tokens apart, for `exchange.negative_ttl`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,6 +54,45 @@ impl Expiry<CacheKey, CachedToken> for UntilTheEntryEnds {
         _: Option<Duration>,
     ) -> Option<Duration> {
         Self::remaining(value)
+    }
+}
+
+/// The IdP's refusals of subject tokens (401/403 outcomes), each remembered for
+/// `exchange.negative_ttl`, so that a client retrying a refused token costs no IdP call.
+pub(crate) struct Refusals {
+    inner: Option<Cache<CacheKey, (ExchangeError, Instant), KeyHasherBuilder>>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Refusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refusals").field("ttl", &self.ttl).finish()
+    }
+}
+
+impl Refusals {
+    /// At most `max_entries` refusals, each for `ttl` (zero: none is kept).
+    pub(crate) fn new(max_entries: u64, ttl: Duration) -> Self {
+        let inner = (!ttl.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(ttl)
+                .build_with_hasher(KeyHasherBuilder::new())
+        });
+        Self { inner, ttl }
+    }
+
+    /// The refusal remembered for `key`, if it still holds at `now` (tokio clock).
+    pub(crate) async fn get(&self, key: &CacheKey, now: Instant) -> Option<ExchangeError> {
+        let (error, until) = self.inner.as_ref()?.get(key).await?;
+        (now < until).then_some(error)
+    }
+
+    /// Remembers `error` for `key` from `now`.
+    pub(crate) async fn insert(&self, key: CacheKey, error: ExchangeError, now: Instant) {
+        if let Some(inner) = &self.inner {
+            inner.insert(key, (error, now + self.ttl)).await;
+        }
     }
 }
 

@@ -19,6 +19,8 @@ fn exchange_config(token_endpoint: Option<Url>, client_auth: ClientAuth) -> Exch
         requested_token_type: ACCESS_TOKEN_TYPE.into(),
         extra_params: BTreeMap::new(),
         timeout: Duration::from_secs(2),
+        max_concurrent: 64,
+        negative_ttl: Duration::from_secs(10),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Token exchange (SPEC "Exchange outcomes", "Cache"): the exchanger against an in-process
+//! Token exchange (README "HTTP behaviour", "Caches, refreshes and the IdP circuit"): the exchanger against an in-process
 //! token endpoint, and the proxy end to end.
 
 use std::sync::Arc;
@@ -490,25 +490,219 @@ async fn different_audience_scope_or_resource_are_different_exchanges() {
 }
 
 #[tokio::test]
-async fn failures_are_not_cached() {
+async fn an_unavailable_idp_is_asked_again_on_the_next_request() {
     let idp = TokenEndpoint::start(public_client()).await;
     let s = setup(&idp);
-    idp.answer(Answer::error(400, Some("invalid_grant")));
-    assert_eq!(
-        s.exchanger.exchange("t", None).await.expect_err("rejected"),
-        ExchangeError::SubjectRejected
-    );
+    idp.answer(Answer::error(503, None));
+    assert!(matches!(
+        s.exchanger
+            .exchange("t", None)
+            .await
+            .expect_err("unavailable"),
+        ExchangeError::Unavailable { .. }
+    ));
     idp.answer(Answer::issue(300));
     let e = s.exchanger.exchange("t", None).await.expect("exchange");
     assert_eq!(e.cache, CacheStatus::Miss);
     assert_eq!(idp.calls(), 2);
 }
 
+#[tokio::test]
+async fn a_refused_subject_token_is_remembered_for_negative_ttl() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup_with(
+        &basic_exchange(&idp, ", negative_ttl: 10s"),
+        "{}",
+        ExchangerOptions::default(),
+    );
+    for (answer, refusal) in [
+        (
+            Answer::error(400, Some("invalid_grant")),
+            ExchangeError::SubjectRejected,
+        ),
+        (
+            Answer::error(400, Some("invalid_scope")),
+            ExchangeError::ScopeRejected {
+                scope: Some("notes.read".into()),
+            },
+        ),
+    ] {
+        let token = format!("refused-{refusal:?}");
+        let calls = idp.calls();
+        idp.answer(answer);
+        for _ in 0..20 {
+            assert_eq!(
+                s.exchanger
+                    .exchange(&token, None)
+                    .await
+                    .expect_err("refused"),
+                refusal
+            );
+        }
+        assert_eq!(idp.calls(), calls + 1, "twenty retries, one IdP call");
+    }
+    // Once the refusal is older than negative_ttl, the IdP is asked again.
+    idp.answer(Answer::issue(300));
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    tokio::time::resume();
+    let calls = idp.calls();
+    let e = s
+        .exchanger
+        .exchange("refused-SubjectRejected", None)
+        .await
+        .expect("exchange");
+    assert_eq!(e.cache, CacheStatus::Miss);
+    assert_eq!(idp.calls(), calls + 1);
+}
+
+#[tokio::test]
+async fn with_negative_ttl_zero_every_retry_asks_the_idp() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup_with(
+        &basic_exchange(&idp, ", negative_ttl: 0s"),
+        "{}",
+        ExchangerOptions::default(),
+    );
+    idp.answer(Answer::error(400, Some("invalid_grant")));
+    for _ in 0..3 {
+        assert_eq!(
+            s.exchanger.exchange("t", None).await.expect_err("refused"),
+            ExchangeError::SubjectRejected
+        );
+    }
+    assert_eq!(idp.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_refusal_of_the_proxy_itself_opens_the_circuit() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup(&idp);
+    idp.answer(Answer::error(401, Some("invalid_client")));
+    // Every request a different token: none of it is the subject's fault.
+    for i in 0..20 {
+        let err = s
+            .exchanger
+            .exchange(&format!("t{i}"), None)
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                ExchangeError::ClientRejected | ExchangeError::Unavailable { .. }
+            ),
+            "{err:?}"
+        );
+    }
+    assert_eq!(
+        idp.calls(),
+        token_exchange_proxy::exchange::breaker::DEFAULT_FAILURE_THRESHOLD as usize,
+        "a wrong secret reaches the IdP only until the circuit opens"
+    );
+    assert!(matches!(
+        s.exchanger.breaker_state(),
+        BreakerState::Open { .. }
+    ));
+}
+
+#[tokio::test]
+async fn the_idps_retry_after_holds_the_circuit_open() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup(&idp);
+    idp.answer(Answer::Error {
+        status: 503,
+        error: None,
+        retry_after: Some("120".into()),
+    });
+    let first = s.exchanger.exchange("a", None).await.expect_err("503");
+    assert_eq!(
+        first,
+        ExchangeError::Unavailable {
+            retry_after: Duration::from_secs(120)
+        }
+    );
+    // A different token, at once: the IdP is not asked.
+    idp.answer(Answer::issue(300));
+    let second = s
+        .exchanger
+        .exchange("b", None)
+        .await
+        .expect_err("held open");
+    assert!(
+        matches!(second, ExchangeError::Unavailable { retry_after } if retry_after > Duration::from_secs(100)),
+        "{second:?}"
+    );
+    assert_eq!(idp.calls(), 1);
+    // An hour is clamped to five minutes.
+    let idp = TokenEndpoint::start(public_client()).await;
+    let s = setup(&idp);
+    idp.answer(Answer::Error {
+        status: 429,
+        error: None,
+        retry_after: Some("3600".into()),
+    });
+    assert_eq!(
+        s.exchanger.exchange("a", None).await.expect_err("429"),
+        ExchangeError::Unavailable {
+            retry_after: Duration::from_secs(300)
+        }
+    );
+}
+
+#[tokio::test]
+async fn calls_beyond_max_concurrent_wait_and_the_gauge_counts_them() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    idp.delay(Duration::from_millis(400));
+    let s = setup_with(
+        &basic_exchange(&idp, ", max_concurrent: 2"),
+        "{}",
+        ExchangerOptions::default(),
+    );
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let ex = s.exchanger.clone();
+            tokio::spawn(async move { ex.exchange(&format!("t{i}"), None).await })
+        })
+        .collect();
+    let mut peak = 0;
+    for _ in 0..100 {
+        peak = peak.max(s.metrics.exchange_inflight.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        t.await.expect("task").expect("exchange within the timeout");
+    }
+    assert_eq!(peak, 2, "never more than max_concurrent calls in flight");
+    assert_eq!(s.metrics.exchange_inflight.load(Ordering::Relaxed), 0);
+    assert_eq!(idp.calls(), 6);
+    // A caller that cannot get a slot within exchange.timeout gets 503.
+    idp.delay(Duration::from_secs(3));
+    let s = setup_with(
+        &basic_exchange(&idp, ", max_concurrent: 1").replace("timeout: 2s", "timeout: 500ms"),
+        "{}",
+        no_breaker(),
+    );
+    let hog = {
+        let ex = s.exchanger.clone();
+        tokio::spawn(async move { ex.exchange("hog", None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let err = s
+        .exchanger
+        .exchange("late", None)
+        .await
+        .expect_err("no slot");
+    assert!(matches!(err, ExchangeError::Unavailable { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    let _ = hog.await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_is_shared_by_the_callers_waiting_for_it_then_retried() {
     let idp = TokenEndpoint::start(public_client()).await;
     idp.delay(Duration::from_millis(300));
-    idp.answer(Answer::error(400, Some("invalid_grant")));
+    idp.answer(Answer::error(503, None));
     let s = setup(&idp);
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -517,10 +711,10 @@ async fn a_failure_is_shared_by_the_callers_waiting_for_it_then_retried() {
         })
         .collect();
     for t in tasks {
-        assert_eq!(
-            t.await.expect("task").expect_err("rejected"),
-            ExchangeError::SubjectRejected
-        );
+        assert!(matches!(
+            t.await.expect("task").expect_err("unavailable"),
+            ExchangeError::Unavailable { .. }
+        ));
     }
     assert_eq!(idp.calls(), 1, "one call for 50 concurrent misses");
 
@@ -529,6 +723,53 @@ async fn a_failure_is_shared_by_the_callers_waiting_for_it_then_retried() {
     let e = s.exchanger.exchange("t", None).await.expect("exchange");
     assert_eq!(e.cache, CacheStatus::Miss, "the failure was not kept");
     assert_eq!(idp.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_cancelled_while_they_wait_leave_the_others_their_answer() {
+    let idp = TokenEndpoint::start(public_client()).await;
+    idp.delay(Duration::from_millis(300));
+    let s = setup(&idp);
+    let first = {
+        let ex = s.exchanger.clone();
+        tokio::spawn(async move { ex.exchange("t", None).await })
+    };
+    for _ in 0..200 {
+        if idp.calls() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(idp.calls(), 1, "the first caller is at the IdP");
+    let waiters: Vec<_> = (0..40)
+        .map(|_| {
+            let ex = s.exchanger.clone();
+            tokio::spawn(async move { ex.exchange("t", None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Half of the waiters go away at once (clients disconnecting), while the call runs.
+    let (gone, staying): (Vec<_>, Vec<_>) = waiters
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    for (_, w) in &gone {
+        w.abort();
+    }
+    for (_, w) in staying {
+        let e = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("no waiter is left hanging")
+            .expect("task")
+            .expect("exchange");
+        assert_eq!(e.cache, CacheStatus::Coalesced);
+    }
+    let e = first.await.expect("task").expect("exchange");
+    assert_eq!(e.cache, CacheStatus::Miss);
+    assert_eq!(idp.calls(), 1, "cancelled waiters cause no second call");
+    for (_, w) in gone {
+        assert!(w.await.expect_err("aborted").is_cancelled());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -877,22 +1118,30 @@ async fn idp_answers_map_to_whose_fault_it_is() {
             ExchangeResult::Unavailable,
         ),
         (
-            Answer::Error {
-                status: 503,
-                error: None,
-                retry_after: Some("7".into()),
-            },
-            unavailable(7),
+            Answer::error(503, None),
+            unavailable(5),
             ExchangeResult::Unavailable,
         ),
         (
-            Answer::Error {
-                status: 429,
-                error: None,
-                retry_after: Some("3600".into()),
-            },
-            unavailable(60),
+            Answer::error(429, Some("slow_down")),
+            unavailable(5),
             ExchangeResult::Unavailable,
+        ),
+        // The exchange outcomes: access_denied, and any 401/403 whatever the code, refuse the proxy.
+        (
+            Answer::error(400, Some("access_denied")),
+            ExchangeError::ClientRejected,
+            ExchangeResult::ClientError,
+        ),
+        (
+            Answer::error(401, Some("invalid_grant")),
+            ExchangeError::ClientRejected,
+            ExchangeResult::ClientError,
+        ),
+        (
+            Answer::error(403, Some("invalid_scope")),
+            ExchangeError::ClientRejected,
+            ExchangeResult::ClientError,
         ),
         (
             Answer::Garbage,
@@ -933,8 +1182,8 @@ async fn idp_answers_map_to_whose_fault_it_is() {
             "{answer:?}"
         );
     }
-    assert_eq!(idp.calls(), 12);
-    assert_eq!(s.metrics.exchange_duration.count(), 12);
+    assert_eq!(idp.calls(), 15);
+    assert_eq!(s.metrics.exchange_duration.count(), 15);
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! Forwarding: headers, bodies, streaming, upstream failures (SPEC "HTTP behaviour").
+//! Forwarding: headers, bodies, streaming, upstream failures (README "HTTP behaviour").
 
 use std::time::{Duration, Instant};
 

@@ -50,6 +50,8 @@ fn setup() -> Setup {
         requested_token_type: ACCESS_TOKEN_TYPE.into(),
         extra_params: BTreeMap::new(),
         timeout: Duration::from_secs(1),
+        max_concurrent: 64,
+        negative_ttl: Duration::from_secs(10),
     };
     let cache = Cache {
         max_entries: 10,
