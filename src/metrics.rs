@@ -188,6 +188,10 @@ pub struct Metrics {
     pub upstream_errors: LabeledCounter<UpstreamErrorKind>,
     pub token_rejections: LabeledCounter<RejectReason>,
     pub jwks_refreshes: LabeledCounter<RefreshResult>,
+    /// Exchanges made ahead of an entry's end (`cache.refresh_ahead`).
+    pub exchange_refreshes: LabeledCounter<RefreshResult>,
+    /// Requests served a cached token past its serving window while the IdP was unavailable.
+    pub stale_served: AtomicU64,
     pub exchange_requests: LabeledCounter<ExchangeResult>,
     pub exchange_duration: Histogram,
     pub cache_hits: AtomicU64,
@@ -209,6 +213,8 @@ impl Default for Metrics {
             upstream_errors: LabeledCounter::default(),
             token_rejections: LabeledCounter::default(),
             jwks_refreshes: LabeledCounter::default(),
+            exchange_refreshes: LabeledCounter::default(),
+            stale_served: AtomicU64::new(0),
             exchange_requests: LabeledCounter::default(),
             exchange_duration: Histogram::default(),
             cache_hits: AtomicU64::new(0),
@@ -286,6 +292,11 @@ impl Metrics {
             "txp_exchange_duration_seconds",
             "Duration of token exchange calls to the IdP.",
         );
+        self.exchange_refreshes.render(
+            &mut out,
+            "txp_exchange_refreshes_total",
+            "Exchanges made ahead of a cached token's end, by result.",
+        );
         for (name, help, v) in [
             (
                 "txp_exchange_cache_hits_total",
@@ -301,6 +312,11 @@ impl Metrics {
                 "txp_exchange_cache_coalesced_total",
                 "Requests that waited for another request's exchange of the same token.",
                 &self.cache_coalesced,
+            ),
+            (
+                "txp_exchange_stale_served_total",
+                "Requests served a cached token past its serving window while the IdP was unavailable.",
+                &self.stale_served,
             ),
         ] {
             let _ = writeln!(

@@ -52,6 +52,9 @@ pub const DEFAULT_CACHE_MAX_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_CACHE_EXPIRY_MARGIN: Duration = Duration::from_secs(15);
 /// How long a browser may keep a CORS preflight answer.
 pub const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
+/// An entry used this close to the end of its serving window is exchanged again in the
+/// background: long enough for a slow IdP to answer before the entry runs out.
+pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(30);
 /// Time for the endpoints controller to take the pod out of the Service after SIGTERM.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Fits in Kubernetes' default 30 s grace period together with the drain delay.
@@ -210,6 +213,10 @@ pub struct Cache {
     pub max_ttl: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub expiry_margin: Duration,
+    /// Zero: no refresh ahead.
+    #[serde(serialize_with = "ser_duration")]
+    pub refresh_ahead: Duration,
+    pub stale_if_error: bool,
 }
 
 /// `protected_resource.*` (RFC 9728).
@@ -675,6 +682,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.cache.expiry_margin.as_deref(),
             DEFAULT_CACHE_EXPIRY_MARGIN,
         ),
+        refresh_ahead: c.duration(
+            "cache.refresh_ahead",
+            raw.cache.refresh_ahead.as_deref(),
+            DEFAULT_REFRESH_AHEAD,
+        ),
+        stale_if_error: raw.cache.stale_if_error.unwrap_or(true),
     };
 
     let pr = &raw.protected_resource;

@@ -118,6 +118,8 @@ pub struct RawCache {
     pub max_entries: Option<u64>,
     pub max_ttl: Option<String>,
     pub expiry_margin: Option<String>,
+    pub refresh_ahead: Option<String>,
+    pub stale_if_error: Option<bool>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -19,6 +19,7 @@
 //! lets an entry go at the end of its lifetime (`store`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
@@ -214,8 +215,16 @@ pub(crate) struct CachedToken {
     /// Served while `now < serve_until` (tokio clock).
     pub(crate) serve_until: Instant,
     /// The end of the entry's lifetime (the earliest of the issued token's, the subject
-    /// token's and `cache.max_ttl`'s end): the store lets it go then.
+    /// token's and `cache.max_ttl`'s end): the store lets it go then. Between `serve_until`
+    /// and this the entry is stale: served only while the IdP is unavailable
+    /// (`cache.stale_if_error`).
     pub(crate) lifetime_end: Instant,
+    /// From this moment a request that uses the entry has it exchanged again in the
+    /// background (`cache.refresh_ahead`); never, when a new exchange could not serve longer.
+    pub(crate) refresh_from: Option<Instant>,
+    /// Set by the request that started the refresh (shared by every copy of the entry), so
+    /// that an entry is refreshed once.
+    pub(crate) refresh_claimed: Arc<AtomicBool>,
     /// The subject token's `sub`, for the access log of requests served from this entry.
     pub(crate) sub: Option<Arc<str>>,
     /// The subject token's `exp` (seconds since the Unix epoch).
@@ -240,6 +249,8 @@ impl CachedToken {
             authorization,
             serve_until: now + window,
             lifetime_end: now + lifetime.max(window),
+            refresh_from: None,
+            refresh_claimed: Arc::default(),
             sub: None,
             subject_expires_at: None,
             trusted_until: None,
@@ -266,6 +277,46 @@ impl CachedToken {
     /// Whether the entry may still be served at `now`.
     pub(crate) fn is_servable(&self, now: Instant) -> bool {
         now < self.serve_until
+    }
+
+    /// Whether the entry is past its serving window but not its lifetime at `now`: what
+    /// `cache.stale_if_error` may serve.
+    pub(crate) fn is_stale(&self, now: Instant) -> bool {
+        self.serve_until <= now && now < self.lifetime_end
+    }
+
+    /// The entry, exchanged again from `ahead` before the end of its serving window, if a new
+    /// exchange made now could serve longer: not when the subject token's own end
+    /// (`subject_end`, tokio clock) minus `margin` bounds the window already.
+    pub(crate) fn refreshing_ahead(
+        self,
+        ahead: Duration,
+        subject_end: Option<Instant>,
+        margin: Duration,
+    ) -> Self {
+        let could_extend = subject_end.is_none_or(|end| {
+            end.checked_sub(margin)
+                .is_some_and(|e| e > self.serve_until)
+        });
+        let refresh_from = (!ahead.is_zero() && could_extend).then(|| {
+            self.serve_until
+                .checked_sub(ahead)
+                .unwrap_or(self.serve_until)
+        });
+        Self {
+            refresh_from,
+            ..self
+        }
+    }
+
+    /// Whether a request at `now` should start this entry's refresh: it is due, and no
+    /// request started it before (the first to ask claims it).
+    pub(crate) fn claim_refresh(&self, now: Instant) -> bool {
+        self.refresh_from.is_some_and(|from| from <= now)
+            && self
+                .refresh_claimed
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Whether the acceptance it rests on still holds at `now` in key epoch `epoch`.

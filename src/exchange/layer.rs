@@ -153,6 +153,7 @@ impl Recall for Arc<Exchanger> {
     async fn recall(&self, token: &str, key_epoch: u64) -> Option<(Principal, Exchanged)> {
         let key = self.key(token);
         let entry = self.recall_entry(&key, key_epoch).await?;
+        self.refresh_if_due(&key, token, &entry, tokio::time::Instant::now());
         Some((
             entry.principal(),
             Exchanged::from_entry(entry, CacheStatus::Hit),

@@ -49,7 +49,7 @@ use url::Url;
 use crate::config::{Cache, Exchange};
 use crate::idp::{self, IdpClient, IdpError};
 use crate::inbound::Principal;
-use crate::metrics::{ExchangeResult, Metrics};
+use crate::metrics::{ExchangeResult, Metrics, RefreshResult};
 use crate::readiness::Readiness;
 
 use breaker::{Breaker, Health};
@@ -79,6 +79,8 @@ pub enum CacheStatus {
     Miss,
     /// This request waited for another request's call for the same key.
     Coalesced,
+    /// Served past its serving window: the IdP was unavailable (`cache.stale_if_error`).
+    Stale,
 }
 
 impl CacheStatus {
@@ -88,6 +90,7 @@ impl CacheStatus {
             CacheStatus::Hit => "hit",
             CacheStatus::Miss => "miss",
             CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Stale => "stale",
         }
     }
 }
@@ -179,6 +182,8 @@ pub struct Exchanger {
     timeout: Duration,
     max_ttl: Duration,
     expiry_margin: Duration,
+    refresh_ahead: Duration,
+    stale_if_error: bool,
     breaker: Breaker,
     options: ExchangerOptions,
     idp: IdpClient,
@@ -248,6 +253,8 @@ impl Exchanger {
             timeout: config.timeout,
             max_ttl: cache.max_ttl,
             expiry_margin: cache.expiry_margin,
+            refresh_ahead: cache.refresh_ahead,
+            stale_if_error: cache.stale_if_error,
             breaker: Breaker::new(options.breaker),
             options,
             idp,
@@ -282,7 +289,7 @@ impl Exchanger {
     /// seconds since the Unix epoch). The result is cached but rests on no acceptance, so
     /// [`Exchanger::cached`] does not serve it.
     pub async fn exchange(
-        &self,
+        self: &Arc<Self>,
         subject: &str,
         subject_expires_at: Option<u64>,
     ) -> Result<Exchanged, ExchangeError> {
@@ -296,8 +303,8 @@ impl Exchanger {
             .await
     }
 
-    /// The cache key of `subject` (README "Caches, refreshes and the IdP circuit": SHA-256 over the length-prefixed exchange
-    /// parameters and the subject token).
+    /// The cache key of `subject` (README "Caches, refreshes and the IdP circuit": SHA-256
+    /// over the length-prefixed exchange parameters and the subject token).
     pub fn key(&self, subject: &str) -> CacheKey {
         self.keys.key(subject.as_bytes())
     }
@@ -328,18 +335,30 @@ impl Exchanger {
     /// whose [`Exchanger::key`] the caller already has (`key` must be that subject's). The
     /// entry rests on that acceptance, so [`Exchanger::cached`] serves it while it holds; a
     /// cached entry whose acceptance had lapsed is renewed with this one.
+    ///
+    /// When the IdP is unavailable and `cache.stale_if_error` is on, an entry past its
+    /// serving window but within its lifetime is served rather than failing.
     pub async fn exchange_keyed(
-        &self,
+        self: &Arc<Self>,
         subject: &str,
         key: &CacheKey,
         principal: &Principal,
     ) -> Result<Exchanged, ExchangeError> {
         let key = *key;
-        if let Some(hit) = self.serve_cached(&key, principal).await {
-            return Ok(hit);
+        let now = Instant::now();
+        let current = self.cache.get(&key).await;
+        if let Some(entry) = current.as_ref().filter(|e| e.is_servable(now)) {
+            Metrics::inc(&self.metrics.cache_hits);
+            if !entry.is_trusted(now, principal.key_epoch)
+                && principal.trusted(now, principal.key_epoch)
+            {
+                self.cache.insert(key, entry.retrusted(principal)).await;
+            }
+            self.refresh_if_due(&key, subject, entry, now);
+            return Ok(Exchanged::from_entry(entry.clone(), CacheStatus::Hit));
         }
         // Refused a moment ago: the same answer, without asking the IdP again.
-        if let Some(refused) = self.refusals.get(&key, Instant::now()).await {
+        if let Some(refused) = self.refusals.get(&key, now).await {
             return Err(refused);
         }
         // Single flight: concurrent callers for this key wait for one exchange and share its
@@ -347,18 +366,22 @@ impl Exchanger {
         let called = AtomicBool::new(false);
         let result = self
             .cache
-            .get_or_exchange(key, async {
+            .flight(key, async {
                 called.store(true, Ordering::Relaxed);
-                let outcome = self.call_idp(subject, principal).await;
-                if let Err(
-                    e @ (ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. }),
-                ) = &outcome
-                {
-                    self.refusals.insert(key, e.clone(), Instant::now()).await;
-                }
-                outcome
+                self.exchange_and_keep(key, subject, principal).await
             })
             .await;
+        let result = result.map_err(|e| (*e).clone());
+        if let (Err(ExchangeError::Unavailable { .. }), true, Some(stale)) =
+            (&result, self.stale_if_error, &current)
+            && stale.is_stale(Instant::now())
+        {
+            Metrics::inc(&self.metrics.stale_served);
+            tracing::info!(
+                "token exchange: the IdP is unavailable; serving a cached token past its expiry margin"
+            );
+            return Ok(Exchanged::from_entry(stale.clone(), CacheStatus::Stale));
+        }
         let status = if called.load(Ordering::Relaxed) {
             Metrics::inc(&self.metrics.cache_misses);
             CacheStatus::Miss
@@ -366,27 +389,61 @@ impl Exchanger {
             Metrics::inc(&self.metrics.cache_coalesced);
             CacheStatus::Coalesced
         };
-        result
-            .map(|entry| Exchanged::from_entry(entry, status))
-            .map_err(|e| (*e).clone())
+        result.map(|entry| Exchanged::from_entry(entry, status))
     }
 
-    /// A cached exchange for `key` that may be served, renewed with `principal`'s acceptance
-    /// if the one it rested on had lapsed; an entry past its serving window is removed.
-    async fn serve_cached(&self, key: &CacheKey, principal: &Principal) -> Option<Exchanged> {
-        let entry = self.cache.get(key).await?;
-        let now = Instant::now();
-        if !entry.is_servable(now) {
-            self.cache.remove_unservable(*key, now).await;
-            return None;
+    /// One exchange at the IdP whose result is kept: a token in the cache, a refusal of the
+    /// subject among the refusals.
+    async fn exchange_and_keep(
+        &self,
+        key: CacheKey,
+        subject: &str,
+        principal: &Principal,
+    ) -> Result<CachedToken, ExchangeError> {
+        let outcome = self.call_idp(subject, principal).await;
+        match &outcome {
+            Ok(entry) => self.cache.keep(key, entry.clone(), Instant::now()).await,
+            Err(e @ (ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. })) => {
+                self.refusals.insert(key, e.clone(), Instant::now()).await;
+            }
+            Err(_) => {}
         }
-        Metrics::inc(&self.metrics.cache_hits);
-        if !entry.is_trusted(now, principal.key_epoch)
-            && principal.trusted(now, principal.key_epoch)
-        {
-            self.cache.insert(*key, entry.retrusted(principal)).await;
+        outcome
+    }
+
+    /// Starts the background refresh of `entry` (for `subject`, under `key`) when it is due
+    /// and no request started it before: one exchange, in the single flight of its key, whose
+    /// token replaces the entry if it serves longer. Requests go on using `entry` meanwhile; a
+    /// failure leaves it in place.
+    pub(crate) fn refresh_if_due(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        subject: &str,
+        entry: &CachedToken,
+        now: Instant,
+    ) {
+        if !entry.claim_refresh(now) {
+            return;
         }
-        Some(Exchanged::from_entry(entry, CacheStatus::Hit))
+        let this = self.clone();
+        let key = *key;
+        let subject = secrecy::SecretString::from(subject);
+        let principal = entry.principal();
+        tokio::spawn(async move {
+            use secrecy::ExposeSecret as _;
+            let result = this
+                .cache
+                .flight(
+                    key,
+                    this.exchange_and_keep(key, subject.expose_secret(), &principal),
+                )
+                .await;
+            let outcome = match result {
+                Ok(_) => RefreshResult::Success,
+                Err(_) => RefreshResult::Failure,
+            };
+            this.metrics.exchange_refreshes.inc(outcome);
+        });
     }
 
     /// Entries currently cached, as of the last [`Exchanger::sync`] (the cache applies
@@ -578,7 +635,10 @@ impl Exchanger {
             )
             .resting_on(principal);
         }
-        CachedToken::new(issued.authorization, window, lifetime, Instant::now())
+        let now = Instant::now();
+        let subject_end = subject.map(|left| now + left);
+        CachedToken::new(issued.authorization, window, lifetime, now)
+            .refreshing_ahead(self.refresh_ahead, subject_end, self.expiry_margin)
             .resting_on(principal)
     }
 }

@@ -8,9 +8,10 @@
 //! - **Bound.** At most `cache.max_entries`, least recently used evicted first. Plain LRU
 //!   rather than moka's default TinyLFU admission: a token seen for the first time must be
 //!   kept, or its second request would call the IdP again.
-//! - **Single flight.** Concurrent misses for one key make one exchange
-//!   ([`Store::get_or_exchange`], moka's `try_get_with`): the other callers wait for it and get
-//!   its result, a failure included; a failure is never kept here.
+//! - **Single flight.** Concurrent misses for one key, and a refresh ahead of an entry's end,
+//!   make one exchange ([`Store::flight`], moka's `try_get_with` on a second cache that keeps
+//!   nothing, so that a key still holding a stale entry is coalesced too): the other callers
+//!   wait for it and get its result, a failure included; a failure is never kept here.
 //!
 //! [`Refusals`] keeps the IdP's refusals of subject tokens apart, for `exchange.negative_ttl`.
 
@@ -26,6 +27,20 @@ use tokio::time::Instant;
 
 use super::ExchangeError;
 use super::cache::{CacheKey, CachedToken, KeyHasherBuilder};
+
+/// Keeps nothing: the flights cache only coalesces.
+struct NotKept;
+
+impl Expiry<CacheKey, CachedToken> for NotKept {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        _: &CachedToken,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
 
 /// Gives every entry the rest of its own lifetime, on the tokio clock.
 struct UntilTheEntryEnds;
@@ -99,6 +114,8 @@ impl Refusals {
 /// See the module documentation.
 pub(crate) struct Store {
     inner: Cache<CacheKey, CachedToken, KeyHasherBuilder>,
+    /// Exchanges in flight, by key (entries are never kept: moka's coalescing is the point).
+    flights: Cache<CacheKey, CachedToken, KeyHasherBuilder>,
 }
 
 impl std::fmt::Debug for Store {
@@ -118,6 +135,9 @@ impl Store {
                 .eviction_policy(EvictionPolicy::lru())
                 .expire_after(UntilTheEntryEnds)
                 .build_with_hasher(KeyHasherBuilder::new()),
+            flights: Cache::builder()
+                .expire_after(NotKept)
+                .build_with_hasher(KeyHasherBuilder::new()),
         }
     }
 
@@ -131,28 +151,32 @@ impl Store {
         self.inner.insert(key, entry).await;
     }
 
-    /// Removes the entry for `key` if it can no longer be served at `now` (and leaves one
-    /// that another caller has just put there).
-    pub(crate) async fn remove_unservable(&self, key: CacheKey, now: Instant) {
+    /// Keeps `fresh` under `key` unless the entry there now serves at least as long (a
+    /// concurrent exchange finished first); a token with no serving window is not kept.
+    pub(crate) async fn keep(&self, key: CacheKey, fresh: CachedToken, now: Instant) {
+        if !fresh.is_servable(now) {
+            return;
+        }
         self.inner
             .entry(key)
             .and_compute_with(|found| async move {
                 match found {
-                    Some(e) if !e.value().is_servable(now) => Op::Remove,
-                    _ => Op::Nop,
+                    Some(e) if e.value().serve_until >= fresh.serve_until => Op::Nop,
+                    _ => Op::Put(fresh),
                 }
             })
             .await;
     }
 
-    /// The entry for `key`, or the result of `exchange`: concurrent callers for one key wait
-    /// for one `exchange` and share its result, a failure included. A failure is not kept.
-    pub(crate) async fn get_or_exchange(
+    /// The result of `exchange` for `key`: concurrent callers for one key wait for one
+    /// `exchange` and share its result, a failure included. Nothing is kept here: `exchange`
+    /// keeps what it got ([`Store::keep`]).
+    pub(crate) async fn flight(
         &self,
         key: CacheKey,
         exchange: impl Future<Output = Result<CachedToken, ExchangeError>>,
     ) -> Result<CachedToken, Arc<ExchangeError>> {
-        self.inner.try_get_with(key, exchange).await
+        self.flights.try_get_with(key, exchange).await
     }
 
     /// Entries kept (moka's count: up to date after [`Store::sync`]).
@@ -244,21 +268,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_an_unservable_entry_is_removed() {
+    async fn keep_never_replaces_a_longer_entry() {
         let store = Store::new(10);
         let now = Instant::now();
+        let (short, long) = (Duration::from_secs(5), Duration::from_secs(50));
+        store.keep(key(1), entry(long, long), now).await;
+        store.keep(key(1), entry(short, short), now).await;
+        let kept = store.get(&key(1)).await.expect("kept");
+        assert!(kept.serve_until > now + short * 2, "the longer entry stays");
         store
-            .insert(
-                key(1),
-                entry(Duration::from_secs(5), Duration::from_secs(20)),
-            )
+            .keep(key(1), entry(long * 2, long * 2), Instant::now())
             .await;
-        store.remove_unservable(key(1), now).await;
-        assert!(store.get(&key(1)).await.is_some(), "still servable");
+        let kept = store.get(&key(1)).await.expect("kept");
+        assert!(kept.serve_until > now + long, "a longer one replaces it");
         store
-            .remove_unservable(key(1), now + Duration::from_secs(6))
+            .keep(key(2), entry(Duration::ZERO, long), Instant::now())
             .await;
-        assert!(store.get(&key(1)).await.is_none(), "past its window");
+        assert!(store.get(&key(2)).await.is_none(), "no window, not kept");
     }
 
     #[tokio::test]
@@ -270,7 +296,7 @@ mod tests {
             let (store, calls) = (store.clone(), calls.clone());
             waiters.push(tokio::spawn(async move {
                 store
-                    .get_or_exchange(key(7), async {
+                    .flight(key(7), async {
                         calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Err(ExchangeError::InvalidResponse)
@@ -291,9 +317,11 @@ mod tests {
             "the failure is not kept"
         );
         let long = Duration::from_secs(60);
-        let ok = store
-            .get_or_exchange(key(7), async { Ok(entry(long, long)) })
-            .await;
+        let ok = store.flight(key(7), async { Ok(entry(long, long)) }).await;
         assert!(ok.is_ok(), "the next caller tries again");
+        assert!(
+            store.get(&key(7)).await.is_none(),
+            "a flight keeps nothing by itself"
+        );
     }
 }

@@ -29,13 +29,15 @@ fn cache_config() -> Cache {
         max_entries: 100,
         max_ttl: Duration::from_secs(300),
         expiry_margin: Duration::from_secs(15),
+        refresh_ahead: Duration::from_secs(30),
+        stale_if_error: true,
     }
 }
 
 fn build(
     config: &Exchange,
     options: ExchangerOptions,
-) -> (Exchanger, Arc<Metrics>, Arc<Readiness>) {
+) -> (Arc<Exchanger>, Arc<Metrics>, Arc<Readiness>) {
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let idp = IdpClient::new(&IdpTls {
@@ -52,7 +54,7 @@ fn build(
         options,
     )
     .expect("exchanger");
-    (ex, metrics, readiness)
+    (Arc::new(ex), metrics, readiness)
 }
 
 /// A loopback URL where nothing listens.

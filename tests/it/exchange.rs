@@ -26,13 +26,13 @@ use crate::support::token_endpoint::{Answer, ClientAuth, TokenEndpoint};
 use crate::support::{Echo, client, config_from, eventually, metric};
 
 /// An exchanger built from the `exchange:` and `cache:` YAML mappings (flow style).
-struct Setup {
-    exchanger: Arc<Exchanger>,
-    metrics: Arc<Metrics>,
-    readiness: Arc<Readiness>,
+pub(crate) struct Setup {
+    pub(crate) exchanger: Arc<Exchanger>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) readiness: Arc<Readiness>,
 }
 
-fn setup_with(exchange: &str, cache: &str, options: ExchangerOptions) -> Setup {
+pub(crate) fn setup_with(exchange: &str, cache: &str, options: ExchangerOptions) -> Setup {
     let config = config_from(&format!(
         "upstream: {{url: 'http://127.0.0.1:1'}}\n\
          inbound: {{issuer: 'http://127.0.0.1:1', audiences: [test]}}\n\
@@ -71,29 +71,29 @@ fn auth_setup(idp: &TokenEndpoint, client_id: &str, client_auth: &str) -> Setup 
 }
 
 /// A public client `txp` at `idp`, audience `backend`, scope `notes.read`.
-fn setup(idp: &TokenEndpoint) -> Setup {
+pub(crate) fn setup(idp: &TokenEndpoint) -> Setup {
     setup_with(&basic_exchange(idp, ""), "{}", ExchangerOptions::default())
 }
 
-fn basic_exchange(idp: &TokenEndpoint, extra: &str) -> String {
+pub(crate) fn basic_exchange(idp: &TokenEndpoint, extra: &str) -> String {
     format!(
         "{{token_endpoint: '{}', client_id: txp, client_auth: {{method: none}}, audience: [backend], scope: notes.read, timeout: 2s{extra}}}",
         idp.url()
     )
 }
 
-fn public_client() -> ClientAuth {
+pub(crate) fn public_client() -> ClientAuth {
     ClientAuth::None { id: "txp".into() }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_secs()
 }
 
-fn bearer(e: &Exchanged) -> &str {
+pub(crate) fn bearer(e: &Exchanged) -> &str {
     e.authorization.to_str().expect("ascii")
 }
 
@@ -220,7 +220,8 @@ async fn the_issued_token_lifetime_bounds_the_entry() {
     let idp = TokenEndpoint::start(public_client()).await;
     let s = setup_with(
         &basic_exchange(&idp, ""),
-        "{max_ttl: 300s, expiry_margin: 15s}",
+        // No refresh ahead: an entry here ends when its token does.
+        "{max_ttl: 300s, expiry_margin: 15s, refresh_ahead: 0s}",
         ExchangerOptions::default(),
     );
     let ex = &s.exchanger;
@@ -1410,20 +1411,29 @@ async fn errors_carry_no_token_or_idp_text() {
 // Through the proxy: issuer + token endpoint + echo backend, the proxy in-process
 // ---------------------------------------------------------------------------------------
 
-const AUDIENCE: &str = "mcp-server";
+pub(crate) const AUDIENCE: &str = "mcp-server";
 
 /// A proxy in exchange mode in front of `echo`, trusting `issuer`, exchanging at `idp`.
-struct Proxied {
+pub(crate) struct Proxied {
     /// One client for every request: building a client loads the trust store (tens of ms).
-    http: reqwest::Client,
-    issuer: Issuer,
-    key: Key,
-    idp: TokenEndpoint,
-    echo: Echo,
-    proxy: token_exchange_proxy::server::Running,
+    pub(crate) http: reqwest::Client,
+    pub(crate) issuer: Issuer,
+    pub(crate) key: Key,
+    pub(crate) idp: TokenEndpoint,
+    pub(crate) echo: Echo,
+    pub(crate) proxy: token_exchange_proxy::server::Running,
 }
 
 async fn proxied(idp_url: Option<String>, exchange_extra: &str) -> Proxied {
+    proxied_with(idp_url, exchange_extra, "").await
+}
+
+/// [`proxied`], with `top` appended to the config at the top level (e.g. a `cache:` section).
+pub(crate) async fn proxied_with(
+    idp_url: Option<String>,
+    exchange_extra: &str,
+    top: &str,
+) -> Proxied {
     let issuer = Issuer::start().await;
     let key = Key::ec("k1");
     issuer.publish(&[&key]);
@@ -1432,7 +1442,7 @@ async fn proxied(idp_url: Option<String>, exchange_extra: &str) -> Proxied {
     let yaml = format!(
         "upstream: {{url: '{}'}}\n\
          inbound: {{issuer: '{}', audiences: [{AUDIENCE}]}}\n\
-         exchange: {{token_endpoint: '{}', client_id: txp, client_auth: {{method: none}}, audience: [backend], scope: notes.read, timeout: 1s{exchange_extra}}}\n",
+         exchange: {{token_endpoint: '{}', client_id: txp, client_auth: {{method: none}}, audience: [backend], scope: notes.read, timeout: 1s{exchange_extra}}}\n{top}",
         echo.url(),
         issuer.url(),
         idp_url.unwrap_or_else(|| idp.url()),
@@ -1457,13 +1467,13 @@ async fn proxied(idp_url: Option<String>, exchange_extra: &str) -> Proxied {
 
 impl Proxied {
     /// A fresh valid client token for `sub` (unique `jti`, so never cached before).
-    fn token(&self, sub: &str) -> String {
+    pub(crate) fn token(&self, sub: &str) -> String {
         let mut claims = self.issuer.claims(AUDIENCE, "notes.read");
         claims["sub"] = sub.into();
         self.key.sign(&self.key.header(), &claims)
     }
 
-    async fn get(&self, token: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, token: &str) -> reqwest::Response {
         self.http
             .get(format!("http://{}/mcp", self.proxy.addr))
             .header("authorization", format!("Bearer {token}"))

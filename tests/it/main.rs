@@ -7,5 +7,6 @@ mod exchange;
 mod forwarding;
 mod hardening;
 mod inbound;
+mod lifetime;
 mod shutdown;
 mod upstream_pool;

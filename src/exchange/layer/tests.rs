@@ -57,6 +57,8 @@ fn setup() -> Setup {
         max_entries: 10,
         max_ttl: Duration::from_secs(300),
         expiry_margin: Duration::from_secs(15),
+        refresh_ahead: Duration::from_secs(30),
+        stale_if_error: true,
     };
     let exchanger = Arc::new(
         Exchanger::new(
