@@ -146,9 +146,10 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
-/// Accepts connections until the drain delay after the trigger, then waits for in-flight
-/// requests up to `shutdown.timeout`.
-async fn serve<M, S, B>(
+/// Serves `make_service(client address)` on every connection accepted from `listener`
+/// (HTTP/1.1 and h2c) until the drain delay after the trigger, then waits for in-flight
+/// requests up to `shutdown.timeout`. Marks `readiness` draining when the trigger fires.
+pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
     readiness: Arc<Readiness>,

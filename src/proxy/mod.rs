@@ -82,19 +82,19 @@ pub fn layers(protection: &Protection, config: &Config) -> Layers {
 }
 
 /// The exchange layer in exchange mode; in passthrough mode, nothing but the body type the
-/// exchange layer would have given.
-pub type ExchangeOrPassthrough = tower::util::Either<
-    TokenExchangeLayer,
-    MapResponseBodyLayer<fn(BackendBody) -> ResponseBody<BackendBody>>,
->;
+/// exchange layer would have given. `B` is the response body of the service inside.
+pub type ExchangeOrPassthrough<B = BackendBody> =
+    tower::util::Either<TokenExchangeLayer, MapResponseBodyLayer<fn(B) -> ResponseBody<B>>>;
 
-fn exchange_or_passthrough(protection: &Protection) -> ExchangeOrPassthrough {
+/// [`ExchangeOrPassthrough`] for `protection`'s mode: one stack type serves both modes, in
+/// front of any service whose response body is `B` (README "Use as a library").
+pub fn exchange_or_passthrough<B>(protection: &Protection) -> ExchangeOrPassthrough<B> {
     match protection.token_exchange() {
         Some(layer) => tower::util::Either::Left(layer),
         // Passthrough mode: `Protection` has no exchange-mode state without an exchanger, so
         // the client's token cannot slip through for want of one.
         None => {
-            let passed: fn(BackendBody) -> ResponseBody<BackendBody> = ResponseBody::inner;
+            let passed: fn(B) -> ResponseBody<B> = ResponseBody::inner;
             tower::util::Either::Right(MapResponseBodyLayer::new(passed))
         }
     }
