@@ -8,5 +8,6 @@ mod forwarding;
 mod hardening;
 mod inbound;
 mod lifetime;
+mod rmcp_example;
 mod shutdown;
 mod upstream_pool;

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -67,6 +67,19 @@ pub enum ClientAuth {
     },
 }
 
+impl ClientAuth {
+    /// The client id this method authenticates.
+    pub fn id(&self) -> &str {
+        match self {
+            ClientAuth::Basic { id, .. }
+            | ClientAuth::Post { id, .. }
+            | ClientAuth::PrivateKeyJwt { id, .. }
+            | ClientAuth::AssertionFile { id, .. }
+            | ClientAuth::None { id } => id,
+        }
+    }
+}
+
 /// What the endpoint answers to an authenticated, well-formed request.
 #[derive(Clone, Debug)]
 pub enum Answer {
@@ -81,6 +94,11 @@ pub enum Answer {
         access_token: String,
         expires_in: Option<u64>,
     },
+    /// 200 with a fresh JWT living `expires_in` seconds, as an IdP issues for a delegation:
+    /// `sub` of the subject token, `aud` the requested `audience` (RFC 8693 §2.1), `act`
+    /// naming the authenticated client (§4.1). Unsigned (RFC 7515 Appendix A.5): the tests
+    /// read its claims, nobody verifies it.
+    IssueJwt { expires_in: u64 },
     /// An error status with an optional RFC 6749 §5.2 `error` and `Retry-After`.
     Error {
         status: u16,
@@ -339,6 +357,20 @@ impl TokenEndpoint {
                     }
                     json(StatusCode::OK, doc)
                 }
+                Answer::IssueJwt { expires_in } => {
+                    let n = self.state.issued.fetch_add(1, Ordering::SeqCst);
+                    let token = self.delegation_jwt(&seen, expires_in, n);
+                    seen.issued = Some(token.clone());
+                    json(
+                        StatusCode::OK,
+                        serde_json::json!({
+                            "access_token": token,
+                            "token_type": "Bearer",
+                            "issued_token_type": ACCESS_TOKEN_TYPE,
+                            "expires_in": expires_in,
+                        }),
+                    )
+                }
                 Answer::Error {
                     status,
                     error,
@@ -364,6 +396,36 @@ impl TokenEndpoint {
         };
         self.state.seen.lock().expect("lock").push(seen);
         response
+    }
+
+    /// The token of [`Answer::IssueJwt`] for request `seen`, the `n`th issued.
+    fn delegation_jwt(&self, seen: &Seen, expires_in: u64, n: usize) -> String {
+        let subject = seen
+            .param("subject_token")
+            .and_then(|t| t.split('.').nth(1))
+            .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+            .and_then(|p| serde_json::from_slice::<serde_json::Value>(&p).ok())
+            .unwrap_or_default();
+        let audience = match seen.params("audience").as_slice() {
+            [one] => serde_json::json!(one),
+            many => serde_json::json!(many),
+        };
+        let client_id = self.state.auth.lock().expect("lock").id().to_owned();
+        let now = super::issuer::now();
+        let claims = serde_json::json!({
+            "iss": self.issuer(),
+            "sub": subject["sub"],
+            "aud": audience,
+            "act": {"sub": client_id},
+            "scope": seen.param("scope"),
+            "iat": now,
+            "exp": now + expires_in as i64,
+            "jti": format!("xt-{n}"),
+        });
+        super::issuer::unsigned(
+            &serde_json::json!({"alg": "none", "typ": "at+jwt"}),
+            &claims,
+        )
     }
 
     /// Checks the client's credentials the way an authorization server does.
