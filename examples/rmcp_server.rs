@@ -50,7 +50,7 @@ use token_exchange_proxy::error::{Outcome, Responder};
 use token_exchange_proxy::inbound::{bearer_token, jwt};
 use token_exchange_proxy::protection::SetupError;
 use token_exchange_proxy::proxy::{SENSITIVE_HEADERS, exchange_or_passthrough};
-use token_exchange_proxy::shutdown::Trigger;
+use token_exchange_proxy::shutdown::Drain;
 use token_exchange_proxy::{ProtectedResourceLayer, Protection, logging, server, shutdown};
 
 /// Exit code for an invalid configuration (BSD `EX_USAGE`), as the proxy binary.
@@ -115,7 +115,7 @@ async fn run(config: Config) -> ExitCode {
     tracing::info!(listen = %addr, path = MCP_PATH, "serving");
     shutdown::signal().await;
     // The drain sequence of README "Shutdown".
-    server.shutdown.fire();
+    server.shutdown.requested.fire();
     let _ = server.task.await;
     tracing::info!("shut down cleanly");
     ExitCode::SUCCESS
@@ -135,8 +135,8 @@ pub fn validate(mut raw: RawConfig) -> Result<Config, ConfigError> {
 pub struct Server {
     /// The validator and exchanger behind the layers (readiness, metrics).
     pub protection: Protection,
-    /// Fired, starts the drain sequence (as SIGTERM does).
-    pub shutdown: Trigger,
+    /// `requested` fired starts the drain sequence (as SIGTERM does).
+    pub shutdown: Drain,
     /// Ends when the drain is over.
     pub task: JoinHandle<()>,
 }
@@ -159,25 +159,24 @@ pub fn start(config: &Config, listener: TcpListener) -> Result<Server, SetupErro
         .layer(exchange_or_passthrough(&protection))
         .service(mounted(mcp));
 
-    let trigger = Trigger::default();
+    let drain = Drain::default();
     let task = tokio::spawn(server::serve(
         listener,
         move |_| app.clone(),
         protection.readiness.clone(),
-        trigger.clone(),
+        drain.clone(),
         config.shutdown.clone(),
     ));
-    // The listener closes after the drain delay; then rmcp ends its sessions, so that their
-    // open SSE streams do not hold the drain up until `shutdown.timeout`.
-    let (fired, drain_delay) = (trigger.clone(), config.shutdown.drain_delay);
+    // When the listener closes, rmcp ends its sessions, so that their open SSE streams do not
+    // hold the drain up until `shutdown.timeout`.
+    let closing = drain.closing.clone();
     tokio::spawn(async move {
-        fired.fired().await;
-        tokio::time::sleep(drain_delay).await;
+        closing.fired().await;
         stop_mcp.cancel();
     });
     Ok(Server {
         protection,
-        shutdown: trigger,
+        shutdown: drain,
         task,
     })
 }

@@ -166,6 +166,15 @@ label_enum!(
 });
 
 label_enum!(
+    /// Why the proxy ended an event stream (`txp_streams_ended_total{reason}`).
+    StreamEnd, "reason", {
+    /// The client token it was opened with expired (`inbound.stream_lifetime: token`).
+    TokenExpired => "token_expired",
+    /// The proxy was shutting down.
+    Shutdown => "shutdown",
+});
+
+label_enum!(
     /// Kind of upstream failure (`txp_upstream_errors_total{kind}`).
     UpstreamErrorKind, "kind", {
     /// Connection refused, reset or timed out while connecting.
@@ -192,6 +201,8 @@ pub struct Metrics {
     pub exchange_refreshes: LabeledCounter<RefreshResult>,
     /// Requests served a cached token past its serving window while the IdP was unavailable.
     pub stale_served: AtomicU64,
+    /// Event streams the proxy ended, by reason.
+    pub streams_ended: LabeledCounter<StreamEnd>,
     pub exchange_requests: LabeledCounter<ExchangeResult>,
     pub exchange_duration: Histogram,
     pub cache_hits: AtomicU64,
@@ -215,6 +226,7 @@ impl Default for Metrics {
             jwks_refreshes: LabeledCounter::default(),
             exchange_refreshes: LabeledCounter::default(),
             stale_served: AtomicU64::new(0),
+            streams_ended: LabeledCounter::default(),
             exchange_requests: LabeledCounter::default(),
             exchange_duration: Histogram::default(),
             cache_hits: AtomicU64::new(0),
@@ -291,6 +303,11 @@ impl Metrics {
             &mut out,
             "txp_exchange_duration_seconds",
             "Duration of token exchange calls to the IdP.",
+        );
+        self.streams_ended.render(
+            &mut out,
+            "txp_streams_ended_total",
+            "Event streams ended by the proxy (at an event boundary), by reason.",
         );
         self.exchange_refreshes.render(
             &mut out,

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::protection::{Protection, SetupError};
 use crate::proxy::{self, ClientIp, Forward, Upstream};
 use crate::readiness::Readiness;
-use crate::shutdown::Trigger;
+use crate::shutdown::Drain;
 
 /// Slow clients get this long to send request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,7 +52,7 @@ pub struct Running {
     pub readiness: Arc<Readiness>,
     /// The validator and exchanger behind the layers.
     pub protection: Protection,
-    shutdown: Trigger,
+    drain: Drain,
     task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
 }
@@ -60,7 +60,7 @@ pub struct Running {
 impl Running {
     /// Starts the drain sequence (as SIGTERM does).
     pub fn shutdown(&self) {
-        self.shutdown.fire();
+        self.drain.requested.fire();
     }
 
     /// Resolves when the drain sequence has finished and every connection is closed (or the
@@ -113,10 +113,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         },
     ));
 
-    let layers = proxy::layers(&protection, &config);
+    let drain = Drain::default();
+    let layers = proxy::layers(&protection, &config, &drain);
     let upstream = Arc::new(Upstream::new(&config, metrics.clone()));
     let trusted: Arc<[ipnet::IpNet]> = config.trusted_proxies.clone().into();
-    let shutdown = Trigger::default();
     let task = tokio::spawn(serve(
         listener,
         move |peer| {
@@ -124,7 +124,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             layers.service(Forward::new(upstream.clone(), peer))
         },
         readiness.clone(),
-        shutdown.clone(),
+        drain.clone(),
         config.shutdown.clone(),
     ));
 
@@ -134,7 +134,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics,
         readiness,
         protection,
-        shutdown,
+        drain,
         task,
         admin_task,
     })
@@ -147,13 +147,14 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// Serves `make_service(client address)` on every connection accepted from `listener`
-/// (HTTP/1.1 and h2c) until the drain delay after the trigger, then waits for in-flight
-/// requests up to `shutdown.timeout`. Marks `readiness` draining when the trigger fires.
+/// (HTTP/1.1 and h2c) until the drain delay after `drain.requested`, then fires
+/// `drain.closing` and waits for in-flight requests up to `shutdown.timeout`. Marks
+/// `readiness` draining when the drain is requested.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
     readiness: Arc<Readiness>,
-    trigger: Trigger,
+    drain: Drain,
     cfg: crate::config::Shutdown,
 ) where
     M: Fn(std::net::IpAddr) -> S,
@@ -181,7 +182,7 @@ pub async fn serve<M, S, B>(
     let mut connections = tokio::task::JoinSet::new();
 
     let stop_accepting = async {
-        trigger.fired().await;
+        drain.requested.fired().await;
         readiness.drain();
         tracing::info!(drain_delay = ?cfg.drain_delay, "shutdown requested: not ready, still serving");
         tokio::time::sleep(cfg.drain_delay).await;
@@ -216,6 +217,7 @@ pub async fn serve<M, S, B>(
         }
     }
     drop(listener);
+    drain.closing.fire();
     tracing::info!(timeout = ?cfg.timeout, "listener closed: waiting for in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),

@@ -1,7 +1,8 @@
 //! Signals and the drain sequence (README "Shutdown").
 //!
 //! SIGTERM or SIGINT → `/readyz` 503 → keep serving for `shutdown.drain_delay` → stop
-//! accepting → in-flight requests (open SSE streams too) get up to `shutdown.timeout` → exit 0.
+//! accepting → in-flight requests get up to `shutdown.timeout`, and open event streams end at
+//! their next event boundary → exit 0.
 
 use tokio::sync::watch;
 
@@ -27,10 +28,32 @@ impl Trigger {
 
     /// Resolves once the trigger has fired.
     pub async fn fired(&self) {
-        let mut rx = self.tx.subscribe();
-        // An error means the sender is gone, which cannot happen while `self` lives.
-        let _ = rx.wait_for(|v| *v).await;
+        self.wait().await;
     }
+
+    /// [`Trigger::fired`] as a future that borrows nothing (to keep in a response body).
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            // An error means every sender is gone: nobody can fire it any more.
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
+
+    /// Whether the trigger has fired.
+    pub fn is_fired(&self) -> bool {
+        *self.tx.borrow()
+    }
+}
+
+/// The two moments of the drain sequence.
+#[derive(Clone, Debug, Default)]
+pub struct Drain {
+    /// Shutdown was requested (SIGTERM): not ready, still serving.
+    pub requested: Trigger,
+    /// The listener has closed: in-flight requests finish, and open event streams end at
+    /// their next event boundary, so that their clients reconnect elsewhere.
+    pub closing: Trigger,
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

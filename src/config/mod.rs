@@ -166,6 +166,18 @@ pub struct Inbound {
     pub max_token_bytes: usize,
     pub introspection: Option<Introspection>,
     pub public_paths: Vec<String>,
+    pub stream_lifetime: StreamLifetime,
+}
+
+/// `inbound.stream_lifetime`: how long an event stream (a GET answered `text/event-stream`)
+/// may outlive the client token it was opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamLifetime {
+    /// It ends, after a complete event, when the token expires (plus leeway).
+    Token,
+    /// As long as the backend keeps it open.
+    Unlimited,
 }
 
 /// `inbound.introspection.*`
@@ -577,6 +589,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .to_string(),
         client_secret_file: ri.client_secret_file.as_ref().map(PathBuf::from),
     });
+    let stream_lifetime = match i.stream_lifetime.as_deref() {
+        None | Some("token") => StreamLifetime::Token,
+        Some("unlimited") => StreamLifetime::Unlimited,
+        Some(_) => {
+            c.problem("inbound.stream_lifetime", "must be token or unlimited");
+            StreamLifetime::Token
+        }
+    };
     let public_paths = i.public_paths.clone().unwrap_or_default();
     for p in &public_paths {
         if !p.starts_with('/') {
@@ -772,6 +792,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             max_token_bytes,
             introspection,
             public_paths,
+            stream_lifetime,
         },
         exchange,
         idp_tls,

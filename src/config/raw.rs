@@ -66,6 +66,7 @@ pub struct RawInbound {
     pub max_token_bytes: Option<usize>,
     pub introspection: Option<RawIntrospection>,
     pub public_paths: Option<Vec<String>>,
+    pub stream_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -81,6 +81,7 @@ pub(super) fn inbound(required_scopes: &[&str]) -> Inbound {
         max_token_bytes: 8192,
         introspection: None,
         public_paths: vec![],
+        stream_lifetime: crate::config::StreamLifetime::Token,
     }
 }
 

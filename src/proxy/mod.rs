@@ -9,6 +9,7 @@
 //! | [`ProtectedResourceLayer`] | answers the RFC 9728 metadata document | |
 //! | [`BearerAuthLayer`](crate::inbound::BearerAuthLayer) | validates the bearer token, or answers the challenge | |
 //! | [`TokenExchangeLayer`](crate::exchange::TokenExchangeLayer) (exchange mode) | swaps in the exchanged token, or answers the failure | |
+//! | [`StreamLifetimeLayer`] | | ends an event stream after a complete event when its token expires or the listener closes |
 //! | tower-http `ResponseBodyTimeout` (`upstream.idle_timeout`) | | bounds the silence inside the backend's body |
 //! | [`Forward`] | rewrites the headers, sends to the backend | streams its response back |
 
@@ -16,6 +17,7 @@ pub mod access_log;
 pub mod cors;
 pub mod forward;
 pub mod headers;
+pub mod stream_lifetime;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -33,13 +35,15 @@ pub use access_log::{AccessLog, AccessLogLayer, LoggedBody};
 pub use cors::BrowserCorsLayer;
 pub use forward::{Forward, Upstream};
 pub use headers::ClientIp;
+pub use stream_lifetime::StreamLifetimeLayer;
 
-use crate::config::Config;
+use crate::config::{Config, StreamLifetime};
 use crate::error::ResponseBody;
 use crate::exchange::{Exchanger, TokenExchangeLayer};
 use crate::inbound::BearerAuthLayer;
 use crate::metadata::ProtectedResourceLayer;
 use crate::protection::Protection;
+use crate::shutdown::Drain;
 
 /// Credentials no log line may show, marked before anything else sees the request.
 pub const SENSITIVE_HEADERS: [header::HeaderName; 3] = [
@@ -54,14 +58,17 @@ pub type Layers = ServiceBuilder<
     Stack<
         IdleTimeout,
         Stack<
-            ExchangeOrPassthrough,
+            StreamLifetimeLayer,
             Stack<
-                BearerAuthLayer<Option<Arc<Exchanger>>>,
+                ExchangeOrPassthrough<StreamBody>,
                 Stack<
-                    ProtectedResourceLayer,
+                    BearerAuthLayer<Option<Arc<Exchanger>>>,
                     Stack<
-                        tower::util::Either<BrowserCorsLayer, Identity>,
-                        Stack<SetSensitiveRequestHeadersLayer, Stack<AccessLogLayer, Identity>>,
+                        ProtectedResourceLayer,
+                        Stack<
+                            tower::util::Either<BrowserCorsLayer, Identity>,
+                            Stack<SetSensitiveRequestHeadersLayer, Stack<AccessLogLayer, Identity>>,
+                        >,
                     >,
                 >,
             >,
@@ -69,8 +76,9 @@ pub type Layers = ServiceBuilder<
     >,
 >;
 
-/// The layers of the request path (see the module documentation).
-pub fn layers(protection: &Protection, config: &Config) -> Layers {
+/// The layers of the request path (see the module documentation); `drain` tells event
+/// streams when the listener closes.
+pub fn layers(protection: &Protection, config: &Config, drain: &Drain) -> Layers {
     ServiceBuilder::new()
         .layer(AccessLogLayer::new(protection.metrics.clone()))
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
@@ -78,12 +86,18 @@ pub fn layers(protection: &Protection, config: &Config) -> Layers {
         .layer(ProtectedResourceLayer::new(protection.resource.clone()))
         .layer(protection.bearer_auth())
         .layer(exchange_or_passthrough(protection))
+        .layer(StreamLifetimeLayer::new(
+            config.inbound.stream_lifetime == StreamLifetime::Token,
+            config.inbound.leeway,
+            drain.closing.clone(),
+            protection.metrics.clone(),
+        ))
         .layer(idle_timeout_layer(config.upstream.idle_timeout))
 }
 
 /// The exchange layer in exchange mode; in passthrough mode, nothing but the body type the
 /// exchange layer would have given. `B` is the response body of the service inside.
-pub type ExchangeOrPassthrough<B = BackendBody> =
+pub type ExchangeOrPassthrough<B = StreamBody> =
     tower::util::Either<TokenExchangeLayer, MapResponseBodyLayer<fn(B) -> ResponseBody<B>>>;
 
 /// [`ExchangeOrPassthrough`] for `protection`'s mode: one stack type serves both modes, in
@@ -134,8 +148,11 @@ fn idle_timeout_layer(idle: Option<Duration>) -> IdleTimeout {
 }
 
 /// The response type of the proxy listener.
-pub type ProxyResponse =
-    Response<LoggedBody<ResponseBody<ResponseBody<ResponseBody<BackendBody>>>>>;
+pub type ProxyResponse = Response<LoggedBody<ResponseBody<ResponseBody<ResponseBody<StreamBody>>>>>;
+
+/// [`BackendBody`], ended early when it is an event stream whose token expired
+/// ([`StreamLifetimeLayer`]).
+pub type StreamBody = stream_lifetime::EventStream<BackendBody>;
 
 #[cfg(test)]
 mod tests;

@@ -81,6 +81,7 @@ fn setup() -> Setup {
         max_token_bytes: 8192,
         introspection: None,
         public_paths: vec!["/health".into()],
+        stream_lifetime: crate::config::StreamLifetime::Token,
     };
     // Never started and without keys: it accepts nothing by itself.
     let validator = Arc::new(Validator::new(&inbound, idp, metrics.clone(), readiness));
