@@ -7,7 +7,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{self, client, echo, metric, open_config, proxy, unix_micros};
+use crate::support::token_endpoint::{Answer, ClientAuth, TokenEndpoint};
+use crate::support::{self, client, echo, metric, proxy, signed, unix_micros};
 
 /// Reads SSE events from `resp`, returning (event index, send time µs, arrival time µs).
 async fn read_events(mut resp: reqwest::Response, expect: usize) -> Vec<(usize, u128, u128)> {
@@ -35,9 +36,10 @@ async fn read_events(mut resp: reqwest::Response, expect: usize) -> Vec<(usize, 
 #[tokio::test]
 async fn sse_events_arrive_as_the_backend_writes_them() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, "")).await;
+    let p = signed(&backend.url(), "", "", "").await;
     let resp = client()
-        .get(format!("http://{}/sse?n=5&gap_ms=200", p.addr))
+        .get(p.url("/sse?n=5&gap_ms=200"))
+        .bearer_auth(&p.token)
         .send()
         .await
         .expect("request");
@@ -62,10 +64,11 @@ async fn sse_events_arrive_as_the_backend_writes_them() {
 #[tokio::test]
 async fn sse_stream_outlives_the_response_header_timeout() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, ", response_header_timeout: 300ms")).await;
+    let p = signed(&backend.url(), ", response_header_timeout: 300ms", "", "").await;
     let started = Instant::now();
     let resp = client()
-        .get(format!("http://{}/sse?n=5&gap_ms=250", p.addr))
+        .get(p.url("/sse?n=5&gap_ms=250"))
+        .bearer_auth(&p.token)
         .send()
         .await
         .expect("request");
@@ -77,42 +80,44 @@ async fn sse_stream_outlives_the_response_header_timeout() {
 #[tokio::test]
 async fn response_header_timeout_answers_504() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, ", response_header_timeout: 200ms")).await;
-    let (status, headers, body) = support::get(&format!("http://{}/stall", p.addr)).await;
+    let p = signed(&backend.url(), ", response_header_timeout: 200ms", "", "").await;
+    let (status, headers, body) = support::get_bearer(&p.url("/stall"), &p.token).await;
     assert_eq!(status, 504);
     assert_eq!(headers["content-type"], "application/json");
     assert!(body.contains("gateway_timeout"), "{body}");
     assert_eq!(
-        metric(p.admin_addr, "txp_upstream_errors_total{kind=\"timeout\"}").await,
+        metric(
+            p.proxy.admin_addr,
+            "txp_upstream_errors_total{kind=\"timeout\"}"
+        )
+        .await,
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn refused_backend_answers_502() {
-    let backend = echo().await;
     // A port that was just free: nothing listens there.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let cfg = open_config(&backend, "").replace(
-        &format!("url: '{}'", backend.url()),
-        &format!("url: 'http://{closed}'"),
-    );
-    let p = proxy(&cfg).await;
-    let (status, _, body) = support::get(&format!("http://{}/x", p.addr)).await;
+    let p = signed(&format!("http://{closed}"), "", "", "").await;
+    let (status, _, body) = support::get_bearer(&p.url("/x"), &p.token).await;
     assert_eq!(status, 502);
     assert!(body.contains("backend unreachable"), "{body}");
     assert_eq!(
-        metric(p.admin_addr, "txp_upstream_errors_total{kind=\"connect\"}").await,
+        metric(
+            p.proxy.admin_addr,
+            "txp_upstream_errors_total{kind=\"connect\"}"
+        )
+        .await,
         Some(1.0)
     );
 }
 
 #[tokio::test]
 async fn connect_timeout_answers_502() {
-    let backend = echo().await;
     // A listener whose accept queue is full never completes another handshake: connecting
     // to it hangs until the proxy's connect timeout.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -132,13 +137,15 @@ async fn connect_timeout_answers_502() {
             fillers.push(s);
         }
     }
-    let cfg = open_config(&backend, ", connect_timeout: 300ms").replace(
-        &format!("url: '{}'", backend.url()),
-        &format!("url: 'http://{addr}'"),
-    );
-    let p = proxy(&cfg).await;
+    let p = signed(
+        &format!("http://{addr}"),
+        ", connect_timeout: 300ms",
+        "",
+        "",
+    )
+    .await;
     let started = Instant::now();
-    let (status, _, _) = support::get(&format!("http://{}/x", p.addr)).await;
+    let (status, _, _) = support::get_bearer(&p.url("/x"), &p.token).await;
     assert_eq!(status, 502);
     assert!(
         started.elapsed() >= Duration::from_millis(250),
@@ -150,12 +157,16 @@ async fn connect_timeout_answers_502() {
 #[tokio::test]
 async fn every_connection_named_header_is_removed_both_ways() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, "")).await;
-    let mut s = tokio::net::TcpStream::connect(p.addr)
+    let p = signed(&backend.url(), "", "", "").await;
+    let mut s = tokio::net::TcpStream::connect(p.proxy.addr)
         .await
         .expect("connect");
     s.write_all(
-        b"GET /echo HTTP/1.1\r\nHost: client.example\r\nConnection: x-a\r\nConnection: x-b\r\nx-a: 1\r\nx-b: 2\r\nx-c: 3\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\r\n",
+        format!(
+            "GET /echo HTTP/1.1\r\nHost: client.example\r\nAuthorization: Bearer {}\r\nConnection: x-a\r\nConnection: x-b\r\nx-a: 1\r\nx-b: 2\r\nx-c: 3\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\r\n",
+            p.token
+        )
+        .as_bytes(),
     )
     .await
     .expect("write");
@@ -193,9 +204,10 @@ async fn every_connection_named_header_is_removed_both_ways() {
 #[tokio::test]
 async fn request_is_forwarded_unchanged_with_forwarding_headers() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, "")).await;
+    let p = signed(&backend.url(), "", "", "").await;
     let resp = client()
-        .post(format!("http://{}/mcp/call?x=1&y=two", p.addr))
+        .post(p.url("/mcp/call?x=1&y=two"))
+        .bearer_auth(&p.token)
         .header("host", "mcp.example.com")
         .header("mcp-session-id", "s-1")
         .header("last-event-id", "41")
@@ -227,9 +239,10 @@ async fn request_is_forwarded_unchanged_with_forwarding_headers() {
 #[tokio::test]
 async fn preserve_host_forwards_the_client_host() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, ", preserve_host: true")).await;
+    let p = signed(&backend.url(), ", preserve_host: true", "", "").await;
     client()
-        .get(format!("http://{}/x", p.addr))
+        .get(p.url("/x"))
+        .bearer_auth(&p.token)
         .header("host", "public.example")
         .send()
         .await
@@ -243,14 +256,15 @@ async fn preserve_host_forwards_the_client_host() {
 #[tokio::test]
 async fn h2c_clients_are_served() {
     let backend = echo().await;
-    let p = proxy(&open_config(&backend, "")).await;
+    let p = signed(&backend.url(), "", "", "").await;
     let h2 = reqwest::Client::builder()
         .no_proxy()
         .http2_prior_knowledge()
         .build()
         .expect("client");
     let resp = h2
-        .get(format!("http://{}/sse?n=2&gap_ms=50", p.addr))
+        .get(p.url("/sse?n=2&gap_ms=50"))
+        .bearer_auth(&p.token)
         .send()
         .await
         .expect("h2 request");
@@ -342,7 +356,9 @@ async fn large_request_body_streams_with_bounded_proxy_memory() {
     const TOTAL: u64 = 256 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
     let backend = echo().await;
-    let proc = support::ProxyProcess::spawn(&open_config(&backend, ""));
+    let trust = support::Trust::start().await;
+    let proc = support::ProxyProcess::spawn(&trust.passthrough(&backend.url(), "", "", ""));
+    support::wait_ready(proc.admin_addr).await;
     let baseline = proc.rss_kib();
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(baseline));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -374,6 +390,7 @@ async fn large_request_body_streams_with_bounded_proxy_memory() {
         .build_http::<StreamBody<_>>();
     let req = http::Request::post(format!("http://{}/upload", proc.addr))
         .header("content-length", TOTAL.to_string())
+        .header("authorization", trust.bearer())
         .body(body)
         .expect("request");
     let resp = h1.request(req).await.expect("upload");
@@ -397,23 +414,87 @@ async fn large_request_body_streams_with_bounded_proxy_memory() {
     assert!(growth_mib < 32.0, "proxy RSS grew by {growth_mib:.1} MiB");
 }
 
-#[tokio::test]
+/// The proxy binary in exchange mode at `log.level: debug`, the IdP refusing, failing and
+/// exchanging in turn: no log line holds a client token, the exchanged token, the client
+/// secret, a cookie or a query string.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_never_contain_credentials_or_query_strings() {
+    const CLIENT_SECRET: &str = "client-secret-value-7c1";
+    const EXCHANGED: &str = "exchanged-token-value-4e8";
     let backend = echo().await;
-    let proc = support::ProxyProcess::spawn(&open_config(&backend, ""));
+    let trust = support::Trust::start().await;
+    let idp = TokenEndpoint::start(ClientAuth::Post {
+        id: "txp".into(),
+        secret: CLIENT_SECRET.into(),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, CLIENT_SECRET).expect("write");
+    let proc = support::ProxyProcess::spawn_logging(
+        "debug",
+        &format!(
+            "upstream: {{url: '{}'}}\n{}exchange: {{token_endpoint: '{}', client_id: txp, client_auth: {{method: client_secret_post, secret_file: '{}'}}, audience: [backend], timeout: 2s}}\n",
+            backend.url(),
+            trust.inbound(""),
+            idp.url(),
+            secret_file.display()
+        ),
+    );
+    support::wait_ready(proc.admin_addr).await;
+
+    let good = trust.token_with(|_| {});
+    let forged = format!("{}x", trust.token_with(|_| {}));
+    // (path, what the IdP answers, client token, status the client gets)
+    let steps = [
+        (
+            "/refused",
+            Answer::error(400, Some("invalid_grant")),
+            trust.token_with(|_| {}),
+            401,
+        ),
+        (
+            "/idp-down",
+            Answer::error(503, None),
+            trust.token_with(|_| {}),
+            503,
+        ),
+        (
+            "/exchanged",
+            Answer::IssueToken {
+                access_token: EXCHANGED.into(),
+                expires_in: Some(300),
+            },
+            good.clone(),
+            200,
+        ),
+        ("/cached", Answer::error(503, None), good.clone(), 200),
+        ("/forged", Answer::issue(300), forged.clone(), 401),
+    ];
     let c = client();
-    for path in [
-        "/public/x?access_token=query-secret-1",
-        "/other?code=query-secret-2",
-    ] {
-        c.get(format!("http://{}{path}", proc.addr))
-            .header("authorization", "Bearer header-secret-token")
+    for (i, (path, answer, token, status)) in steps.iter().enumerate() {
+        idp.answer(answer.clone());
+        let resp = c
+            .get(format!(
+                "http://{}{path}?access_token=query-secret-{i}&code=query-secret-x{i}",
+                proc.addr
+            ))
+            .bearer_auth(token)
             .header("proxy-authorization", "Basic proxy-secret")
-            .header("cookie", "session=cookie-secret")
+            .header("cookie", format!("session=cookie-secret-{i}"))
             .send()
             .await
             .expect("request");
+        assert_eq!(resp.status(), *status, "{path}");
     }
+    assert_eq!(
+        backend.last().expect("forwarded").headers["authorization"],
+        format!("Bearer {EXCHANGED}"),
+        "the backend got the exchanged token"
+    );
+    assert_eq!(idp.calls(), 3, "refused, down, exchanged; then a cache hit");
+    assert_eq!(idp.last().param("client_secret"), Some(CLIENT_SECRET));
+
     let ok = support::eventually(Duration::from_secs(5), async || {
         proc.logs
             .lock()
@@ -421,32 +502,40 @@ async fn logs_never_contain_credentials_or_query_strings() {
             .iter()
             .filter(|l| l.contains("\"request\""))
             .count()
-            >= 2
+            >= steps.len()
     })
     .await;
     let logs = proc.logs.lock().expect("lock").join("\n");
     assert!(ok, "no access lines: {logs}");
-    for secret in [
-        "query-secret",
-        "header-secret-token",
-        "proxy-secret",
-        "cookie-secret",
-        "access_token",
-    ] {
+    assert!(logs.contains("\"level\":\"DEBUG\""), "not at debug: {logs}");
+    let mut secrets = vec![
+        EXCHANGED.to_string(),
+        CLIENT_SECRET.to_string(),
+        "query-secret".into(),
+        "access_token".into(),
+        "proxy-secret".into(),
+        "cookie-secret".into(),
+    ];
+    for (_, _, token, _) in &steps {
+        secrets.push(token.clone());
+        // The signature alone is as good as a leak of the token.
+        secrets.push(token.rsplit('.').next().expect("signature").to_string());
+    }
+    for secret in &secrets {
         assert!(
-            !logs.contains(secret),
+            !logs.contains(secret.as_str()),
             "{secret} leaked into the logs:\n{logs}"
         );
     }
     let line: serde_json::Value = serde_json::from_str(
         logs.lines()
-            .find(|l| l.contains("/public/x"))
-            .expect("access line for /public/x"),
+            .find(|l| l.contains("\"path\":\"/exchanged\""))
+            .expect("access line for /exchanged"),
     )
     .expect("json");
-    assert_eq!(line["path"], "/public/x");
     assert_eq!(line["status"], 200);
     assert_eq!(line["method"], "GET");
+    assert_eq!(line["cache"], "miss");
     assert!(line["duration_ms"].is_number());
     assert!(line["bytes"].as_u64().expect("bytes") > 0);
 }

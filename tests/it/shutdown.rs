@@ -2,29 +2,30 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::{self, echo, open_config};
+use crate::support::{self, echo};
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let backend = echo().await;
-    let mut proc = support::ProxyProcess::spawn(&format!(
-        "{}shutdown: {{drain_delay: 1s, timeout: 10s}}\n",
-        open_config(&backend, "")
+    let trust = support::Trust::start().await;
+    let mut proc = support::ProxyProcess::spawn(&trust.passthrough(
+        &backend.url(),
+        "",
+        "",
+        "shutdown: {drain_delay: 1s, timeout: 10s}\n",
     ));
     let admin = proc.admin_addr;
-    let ready = support::eventually(Duration::from_secs(10), async || {
-        support::client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "proxy never became ready");
+    support::wait_ready(admin).await;
 
     let url = format!("http://{}/delay?ms=2000", proc.addr);
+    let token = trust.token.clone();
     let in_flight = tokio::spawn(async move {
-        let resp = support::client().get(url).send().await.expect("request");
+        let resp = support::client()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
         (resp.status(), resp.text().await.expect("body"))
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -35,7 +36,8 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(status, 503, "readyz during drain: {body}");
     assert!(body.contains("draining"), "{body}");
     // Still serving during the drain delay.
-    let (status, _, _) = support::get(&format!("http://{}/x", proc.addr)).await;
+    let (status, _, _) =
+        support::get_bearer(&format!("http://{}/x", proc.addr), &trust.token).await;
     assert_eq!(status, 200);
 
     let (status, body) = in_flight.await.expect("join");

@@ -263,15 +263,6 @@ pub async fn proxy(yaml: &str) -> Running {
         .expect("proxy starts")
 }
 
-/// A config whose every path is public: exercises forwarding without tokens. The echo
-/// backend doubles as the (key-less) issuer so that the proxy becomes ready.
-pub fn open_config(echo: &Echo, extra: &str) -> String {
-    let url = echo.url();
-    format!(
-        "mode: passthrough\nupstream: {{url: '{url}'{extra}}}\ninbound: {{issuer: '{url}', audiences: [test], public_paths: ['/']}}\n"
-    )
-}
-
 /// A plain HTTP/1.1 client without pooling surprises.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -323,11 +314,16 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Writes `yaml` (plus port-0 listeners and JSON logs) to a file and runs the binary on it.
     pub fn spawn(yaml: &str) -> Self {
+        Self::spawn_logging("info", yaml)
+    }
+
+    /// [`ProxyProcess::spawn`] with `log.level` = `level`.
+    pub fn spawn_logging(level: &str, yaml: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("config.yaml");
         std::fs::write(
             &path,
-            format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog: {{format: json, level: info}}\n{yaml}"),
+            format!("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nlog: {{format: json, level: '{level}'}}\n{yaml}"),
         )
         .expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_token-exchange-proxy"))
@@ -408,49 +404,24 @@ impl Drop for ProxyProcess {
 
 /// Status plus body of a simple GET through `client()`.
 pub async fn get(url: &str) -> (StatusCode, HeaderMap, String) {
-    let resp = client().get(url).send().await.expect("request");
+    answer(client().get(url)).await
+}
+
+/// [`get`] with `Authorization: Bearer <token>`.
+pub async fn get_bearer(url: &str, token: &str) -> (StatusCode, HeaderMap, String) {
+    answer(client().get(url).bearer_auth(token)).await
+}
+
+async fn answer(req: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, String) {
+    let resp = req.send().await.expect("request");
     let status = resp.status();
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.expect("body"))
 }
 
-/// A passthrough proxy in front of `upstream` whose tokens come from an in-process issuer
-/// (JWKS on loopback), ready to serve, and a valid token for it (`aud` = `mcp`).
-pub struct Signed {
-    pub proxy: Running,
-    pub issuer: issuer::Issuer,
-    pub key: issuer::Key,
-    pub token: String,
-}
-
-impl Signed {
-    /// `http://PROXY` + `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.proxy.addr)
-    }
-
-    /// Another token of the issuer's, with `claims` changed by `change`.
-    pub fn token_with(&self, change: impl FnOnce(&mut serde_json::Value)) -> String {
-        let mut claims = self.issuer.claims("mcp", "");
-        change(&mut claims);
-        self.key.sign(&self.key.header(), &claims)
-    }
-}
-
-/// Starts [`Signed`]: `upstream` extra keys go inside `upstream: {…}`, `inbound` extra keys
-/// inside `inbound: {…}`, and `top` is appended at the top level.
-pub async fn signed(upstream_url: &str, upstream: &str, inbound: &str, top: &str) -> Signed {
-    let issuer = issuer::Issuer::start().await;
-    let key = issuer::Key::ec("ec-1");
-    issuer.publish(&[&key]);
-    let proxy = proxy(&format!(
-        "mode: passthrough\nupstream: {{url: '{upstream_url}'{upstream}}}\ninbound: {{issuer: '{}', jwks_uri: '{}', audiences: [mcp]{inbound}}}\n{top}",
-        issuer.url(),
-        issuer.jwks_uri(),
-    ))
-    .await;
-    let admin = proxy.admin_addr;
-    let ready = eventually(Duration::from_secs(10), async || {
+/// Waits up to 15 s for `/readyz` on `admin` to answer 200.
+pub async fn wait_ready(admin: SocketAddr) {
+    let ready = eventually(Duration::from_secs(15), async || {
         client()
             .get(format!("http://{admin}/readyz"))
             .send()
@@ -459,11 +430,90 @@ pub async fn signed(upstream_url: &str, upstream: &str, inbound: &str, top: &str
     })
     .await;
     assert!(ready, "proxy never became ready");
-    let token = key.sign(&key.header(), &issuer.claims("mcp", ""));
-    Signed {
-        proxy,
-        issuer,
-        key,
-        token,
+}
+
+/// An in-process issuer (JWKS on loopback) with one published key, and a valid token of it
+/// (`aud` = `mcp`).
+pub struct Trust {
+    pub issuer: issuer::Issuer,
+    pub key: issuer::Key,
+    pub token: String,
+}
+
+impl Trust {
+    /// Starts the issuer and signs the token.
+    pub async fn start() -> Self {
+        let issuer = issuer::Issuer::start().await;
+        let key = issuer::Key::ec("ec-1");
+        issuer.publish(&[&key]);
+        let token = key.sign(&key.header(), &issuer.claims("mcp", ""));
+        Self { issuer, key, token }
     }
+
+    /// The `inbound:` line trusting this issuer, with `extra` keys inside `{…}`.
+    pub fn inbound(&self, extra: &str) -> String {
+        format!(
+            "inbound: {{issuer: '{}', jwks_uri: '{}', audiences: [mcp]{extra}}}\n",
+            self.issuer.url(),
+            self.issuer.jwks_uri(),
+        )
+    }
+
+    /// A passthrough config in front of `upstream_url`: `upstream` extra keys go inside
+    /// `upstream: {…}`, `inbound` extra keys inside `inbound: {…}`, `top` is appended.
+    pub fn passthrough(
+        &self,
+        upstream_url: &str,
+        upstream: &str,
+        inbound: &str,
+        top: &str,
+    ) -> String {
+        format!(
+            "mode: passthrough\nupstream: {{url: '{upstream_url}'{upstream}}}\n{}{top}",
+            self.inbound(inbound)
+        )
+    }
+
+    /// Another token of the issuer's, with `claims` changed by `change`.
+    pub fn token_with(&self, change: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut claims = self.issuer.claims("mcp", "");
+        change(&mut claims);
+        self.key.sign(&self.key.header(), &claims)
+    }
+
+    /// `Bearer <token>`.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+}
+
+/// A passthrough proxy in front of `upstream` whose tokens come from an in-process issuer
+/// (JWKS on loopback), ready to serve; the issuer, key and token are its [`Trust`]'s.
+pub struct Signed {
+    pub proxy: Running,
+    pub trust: Trust,
+}
+
+impl std::ops::Deref for Signed {
+    type Target = Trust;
+
+    fn deref(&self) -> &Trust {
+        &self.trust
+    }
+}
+
+impl Signed {
+    /// `http://PROXY` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy.addr)
+    }
+}
+
+/// Starts [`Signed`]: `upstream` extra keys go inside `upstream: {…}`, `inbound` extra keys
+/// inside `inbound: {…}`, and `top` is appended at the top level.
+pub async fn signed(upstream_url: &str, upstream: &str, inbound: &str, top: &str) -> Signed {
+    let trust = Trust::start().await;
+    let proxy = proxy(&trust.passthrough(upstream_url, upstream, inbound, top)).await;
+    wait_ready(proxy.admin_addr).await;
+    Signed { proxy, trust }
 }
