@@ -55,6 +55,9 @@ pub const DEFAULT_CORS_MAX_AGE: Duration = Duration::from_secs(600);
 /// An entry used this close to the end of its serving window is exchanged again in the
 /// background: long enough for a slow IdP to answer before the entry runs out.
 pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(30);
+/// Longest duration any key accepts: far beyond any sensible timeout, delay or cache lifetime,
+/// and far below where deadline arithmetic (`Instant` + duration) could overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Time for the endpoints controller to take the pod out of the Service after SIGTERM.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Fits in Kubernetes' default 30 s grace period together with the drain delay.
@@ -381,13 +384,19 @@ impl Checker {
         })
     }
 
+    /// A duration of at most [`MAX_DURATION`]; `default` when absent (or refused).
     fn duration(&mut self, key: &str, v: Option<&str>, default: Duration) -> Duration {
-        match v {
+        match v.map(parse_duration) {
             None => default,
-            Some(s) => parse_duration(s).unwrap_or_else(|| {
+            Some(None) => {
                 self.problem(key, "not a duration (expected e.g. 500ms, 30s, 5m)");
                 default
-            }),
+            }
+            Some(Some(d)) if d > MAX_DURATION => {
+                self.problem(key, "must be at most 30 days");
+                default
+            }
+            Some(Some(d)) => d,
         }
     }
 
@@ -444,6 +453,12 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         return Some(Duration::ZERO);
     }
     humantime::parse_duration(s).ok()
+}
+
+/// True for a public path prefix that every request path falls under: `/`, and `//`, `///`…,
+/// which a backend that merges slashes serves as `/` (see `inbound::is_public_path`).
+fn covers_every_path(prefix: &str) -> bool {
+    prefix.bytes().all(|b| b == b'/')
 }
 
 /// True for `localhost` and loopback IP literals.
@@ -601,6 +616,11 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for p in &public_paths {
         if !p.starts_with('/') {
             c.problem("inbound.public_paths", "each entry must start with /");
+        } else if covers_every_path(p) {
+            c.problem(
+                "inbound.public_paths",
+                "an entry of slashes only makes every path public, turning authentication off; list narrow prefixes such as /health",
+            );
         }
     }
 
@@ -709,6 +729,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ),
         stale_if_error: raw.cache.stale_if_error.unwrap_or(true),
     };
+
+    // Either of these would keep no exchanged token usable: every request would call the IdP.
+    if cache.max_entries == 0 {
+        c.problem(
+            "cache.max_entries",
+            "must be greater than 0 (with 0 every request calls the IdP)",
+        );
+    }
+    if cache.expiry_margin >= cache.max_ttl {
+        c.problem(
+            "cache.expiry_margin",
+            "must be less than cache.max_ttl (else no cached token is ever served and every request calls the IdP)",
+        );
+    }
 
     let pr = &raw.protected_resource;
     if let Some(r) = &pr.resource {

@@ -208,3 +208,125 @@ fn idle_timeout_zero_means_none() {
     let config = load_str(&yaml, &Options::default()).expect("valid");
     assert_eq!(config.upstream.idle_timeout, Some(Duration::from_secs(90)));
 }
+
+/// `MINIMAL` with `extra` added inside `inbound: {…}`.
+fn with_inbound(extra: &str) -> String {
+    MINIMAL.replace(
+        "audiences: [mcp-server]}",
+        &format!("audiences: [mcp-server], {extra}}}"),
+    )
+}
+
+#[test]
+fn a_public_path_covering_every_path_is_refused() {
+    // `/` is a prefix of every path; `//…` make every path public to a backend that merges
+    // slashes; `''` and `*` are no paths at all.
+    for entry in ["/", "//", "///", "", "*"] {
+        let yaml = with_inbound(&format!("public_paths: ['/health', '{entry}']"));
+        let err = load_str(&yaml, &Options::default()).expect_err(entry);
+        assert_eq!(keys(&err), vec!["inbound.public_paths"], "{entry:?}: {err}");
+    }
+    let yaml = with_inbound("public_paths: ['/health', '/static/', '/.well-known/x']");
+    let config = load_str(&yaml, &Options::default()).expect("narrow public paths are valid");
+    assert_eq!(config.inbound.public_paths.len(), 3);
+}
+
+#[test]
+fn a_cache_that_can_never_serve_an_entry_is_refused() {
+    for (cache, key) in [
+        (
+            "{max_ttl: 300s, expiry_margin: 300s}",
+            "cache.expiry_margin",
+        ),
+        ("{max_ttl: 60s, expiry_margin: 2m}", "cache.expiry_margin"),
+        ("{expiry_margin: 10m}", "cache.expiry_margin"),
+        ("{max_entries: 0}", "cache.max_entries"),
+    ] {
+        let err =
+            load_str(&format!("{MINIMAL}cache: {cache}\n"), &Options::default()).expect_err(cache);
+        assert_eq!(keys(&err), vec![key], "{cache}: {err}");
+        if key == "cache.expiry_margin" {
+            assert!(err.to_string().contains("cache.max_ttl"), "{err}");
+        }
+    }
+    let config = load_str(
+        &format!("{MINIMAL}cache: {{max_entries: 1, max_ttl: 300s, expiry_margin: 299s}}\n"),
+        &Options::default(),
+    )
+    .expect("a margin below max_ttl is valid");
+    assert_eq!(config.cache.expiry_margin, Duration::from_secs(299));
+}
+
+/// Every duration key, as `(key, YAML putting {value} there)`.
+const DURATION_KEYS: &[(&str, &str)] = &[
+    (
+        "cors.max_age",
+        "cors: {allowed_origins: ['*'], max_age: '{value}'}",
+    ),
+    (
+        "upstream.connect_timeout",
+        "upstream: {url: 'http://127.0.0.1:8000', connect_timeout: '{value}'}",
+    ),
+    (
+        "upstream.response_header_timeout",
+        "upstream: {url: 'http://127.0.0.1:8000', response_header_timeout: '{value}'}",
+    ),
+    (
+        "upstream.idle_timeout",
+        "upstream: {url: 'http://127.0.0.1:8000', idle_timeout: '{value}'}",
+    ),
+    (
+        "upstream.pool_idle_timeout",
+        "upstream: {url: 'http://127.0.0.1:8000', pool_idle_timeout: '{value}'}",
+    ),
+    (
+        "inbound.leeway",
+        "inbound: {issuer: 'https://idp.example.com', audiences: [a], leeway: '{value}'}",
+    ),
+    (
+        "exchange.timeout",
+        "exchange: {client_id: txp, client_auth: {secret_file: /run/secret}, timeout: '{value}'}",
+    ),
+    (
+        "cache.max_ttl",
+        "cache: {max_ttl: '{value}', expiry_margin: 1s}",
+    ),
+    (
+        "cache.expiry_margin",
+        "cache: {max_ttl: '{value}', expiry_margin: '{value}'}",
+    ),
+    ("shutdown.drain_delay", "shutdown: {drain_delay: '{value}'}"),
+    ("shutdown.timeout", "shutdown: {timeout: '{value}'}"),
+];
+
+/// A complete config with `section` (one top-level key) replacing its default.
+fn config_with(section: &str) -> String {
+    let top = section.split(':').next().unwrap_or_default();
+    let mut out: Vec<String> = [
+        "upstream: {url: 'http://127.0.0.1:8000'}",
+        "inbound: {issuer: 'https://idp.example.com', audiences: [a]}",
+        "exchange: {client_id: txp, client_auth: {secret_file: /run/secret}}",
+    ]
+    .iter()
+    .filter(|l| !l.starts_with(&format!("{top}:")))
+    .map(|l| l.to_string())
+    .collect();
+    out.push(section.to_string());
+    out.join("\n")
+}
+
+#[test]
+fn durations_above_thirty_days_are_refused_naming_the_key() {
+    for (key, section) in DURATION_KEYS {
+        for value in ["100000000d", "31d", "720h 1s"] {
+            let yaml = config_with(&section.replace("{value}", value));
+            let err = load_str(&yaml, &Options::default()).expect_err(key);
+            assert!(keys(&err).contains(key), "{key} = {value}: {err}");
+            assert!(err.to_string().contains("30 days"), "{err}");
+        }
+        let yaml = config_with(&section.replace("{value}", "30d"));
+        if *key != "cache.expiry_margin" {
+            load_str(&yaml, &Options::default()).expect("30 days is accepted");
+        }
+    }
+}

@@ -132,3 +132,49 @@ fn help_documents_environment_variables() {
         assert!(text.contains(needle), "--help lacks {needle}");
     }
 }
+
+/// Writes `yaml` to a file in `dir` and runs `check-config` on it.
+fn check_yaml(dir: &tempfile::TempDir, yaml: &str) -> (i32, String, String) {
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    check(&path)
+}
+
+#[test]
+fn huge_durations_exit_64_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (key, section) in [
+        ("cache.max_ttl", "cache: {max_ttl: 100000000d}"),
+        ("cache.expiry_margin", "cache: {expiry_margin: 100000000d}"),
+        (
+            "inbound.leeway",
+            "inbound: {issuer: 'https://idp.example.com', audiences: [a], leeway: 100000000d}",
+        ),
+        (
+            "upstream.connect_timeout",
+            "upstream: {url: 'http://127.0.0.1:8000', connect_timeout: 100000000d}",
+        ),
+        (
+            "exchange.timeout",
+            "exchange: {client_id: c, client_auth: {secret_file: /s}, timeout: 100000000d}",
+        ),
+        ("shutdown.timeout", "shutdown: {timeout: 100000000d}"),
+    ] {
+        let top = section.split(':').next().expect("top-level key");
+        let mut yaml: Vec<&str> = [
+            "upstream: {url: 'http://127.0.0.1:8000'}",
+            "inbound: {issuer: 'https://idp.example.com', audiences: [a]}",
+            "exchange: {client_id: c, client_auth: {secret_file: /s}}",
+        ]
+        .into_iter()
+        .filter(|l| !l.starts_with(top))
+        .collect();
+        yaml.push(section);
+        let (code, stdout, stderr) = check_yaml(&dir, &yaml.join("\n"));
+        assert_eq!(code, 64, "{key}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&format!("config error: {key}: ")),
+            "{key}: {stderr}"
+        );
+    }
+}
