@@ -75,8 +75,9 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(300);
 /// Lower bound on the refresh interval, whatever `max-age` says (`no-store` included).
 pub const MIN_JWKS_REFRESH: Duration = Duration::from_secs(60);
-/// Upper bound on the refresh interval: a removed key is noticed within a day at worst.
-pub const MAX_JWKS_REFRESH: Duration = Duration::from_secs(24 * 3600);
+/// Upper bound on the refresh interval, whatever `max-age` says: a key the IdP withdraws stays
+/// usable here for an hour at worst.
+pub const MAX_JWKS_REFRESH: Duration = Duration::from_secs(3600);
 /// At most one JWKS refetch per this interval is caused by tokens with an unknown `kid`.
 pub const DEFAULT_UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(10);
 /// A JWKS fetch that takes longer is abandoned (and counted as a failure).
@@ -665,3 +666,30 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests;
+
+/// The bounds on the JWKS refresh interval, apart from [`tests`] (the validator's).
+#[cfg(test)]
+mod refresh_bounds {
+    use super::*;
+
+    #[test]
+    fn a_max_age_beyond_an_hour_is_clamped_to_an_hour() {
+        let t = Timing::default();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(t.refresh_interval(Some(Duration::from_secs(86_400))), hour);
+        assert_eq!(
+            t.refresh_interval(Some(Duration::from_secs(365 * 86_400))),
+            hour
+        );
+        assert_eq!(t.refresh_interval(Some(hour)), hour);
+        assert_eq!(
+            t.refresh_interval(Some(Duration::from_secs(1800))),
+            Duration::from_secs(1800)
+        );
+        assert_eq!(
+            t.refresh_interval(Some(Duration::ZERO)),
+            Duration::from_secs(60)
+        );
+        assert_eq!(t.refresh_interval(None), Duration::from_secs(300));
+    }
+}
