@@ -1,7 +1,7 @@
 //! Prometheus metrics, kept in atomics and rendered as text on the admin listener.
 //!
-//! Every label has a closed set of values (an enum, or an HTTP status code), so no label can
-//! ever carry a token, a subject or a path. Updating a metric on the request path is one
+//! Every label has a closed set of values (an enum, an HTTP status code, or `aborted`), so no
+//! label can ever carry a token, a subject or a path. Updating a metric on the request path is one
 //! relaxed atomic add.
 
 use std::fmt::Write as _;
@@ -188,11 +188,16 @@ label_enum!(
 /// Lowest and highest status codes counted individually.
 const STATUS_MIN: u16 = 100;
 const STATUS_MAX: u16 = 599;
+/// The `status` of a request that ended before any response was sent (the client went away):
+/// a word, so that it can never be read as an HTTP status.
+pub const ABORTED_STATUS: &str = "aborted";
 
 /// All of the proxy's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     requests: Vec<AtomicU64>,
+    /// Requests that ended before any status was sent (`status="aborted"`).
+    aborted: AtomicU64,
     pub request_duration: Histogram,
     pub upstream_errors: LabeledCounter<UpstreamErrorKind>,
     pub token_rejections: LabeledCounter<RejectReason>,
@@ -220,6 +225,7 @@ impl Default for Metrics {
             requests: (STATUS_MIN..=STATUS_MAX)
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            aborted: AtomicU64::new(0),
             request_duration: Histogram::default(),
             upstream_errors: LabeledCounter::default(),
             token_rejections: LabeledCounter::default(),
@@ -239,17 +245,32 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one finished request.
+    /// Counts one finished request; `status` 0: it ended before any response was sent.
     pub fn request(&self, status: u16, elapsed: Duration) {
-        let i = usize::from(status.clamp(STATUS_MIN, STATUS_MAX) - STATUS_MIN);
-        self.requests[i].fetch_add(1, Ordering::Relaxed);
+        self.status_counter(status).fetch_add(1, Ordering::Relaxed);
         self.request_duration.observe(elapsed);
     }
 
-    /// Requests counted with `status` so far.
+    /// Requests counted with `status` (an HTTP status) so far.
     pub fn requests_with_status(&self, status: u16) -> u64 {
-        let i = usize::from(status.clamp(STATUS_MIN, STATUS_MAX) - STATUS_MIN);
-        self.requests[i].load(Ordering::Relaxed)
+        match status {
+            0 => 0,
+            _ => self.status_counter(status).load(Ordering::Relaxed),
+        }
+    }
+
+    /// Requests that ended before any response was sent, so far.
+    pub fn aborted_requests(&self) -> u64 {
+        self.aborted.load(Ordering::Relaxed)
+    }
+
+    /// The counter for `status`: below 100 there was no response; a status above 599 counts
+    /// as 599.
+    fn status_counter(&self, status: u16) -> &AtomicU64 {
+        if status < STATUS_MIN {
+            return &self.aborted;
+        }
+        &self.requests[usize::from(status.min(STATUS_MAX) - STATUS_MIN)]
     }
 
     /// Adds one to a plain counter.
@@ -273,6 +294,13 @@ impl Metrics {
                     i as u16 + STATUS_MIN
                 );
             }
+        }
+        let aborted = self.aborted_requests();
+        if aborted > 0 {
+            let _ = writeln!(
+                out,
+                "txp_requests_total{{status=\"{ABORTED_STATUS}\"}} {aborted}"
+            );
         }
         self.request_duration.render(
             &mut out,
@@ -385,5 +413,23 @@ mod tests {
         );
         assert!(text.contains("txp_upstream_errors_total{kind=\"connect\"} 0"));
         assert!(text.contains("txp_exchange_cache_entries 0"));
+    }
+
+    #[test]
+    fn a_request_aborted_before_any_status_is_counted_apart() {
+        let m = Metrics::default();
+        m.request(0, Duration::from_millis(3));
+        m.request(0, Duration::from_millis(4));
+        m.request(100, Duration::from_millis(5));
+        let text = m.render();
+        assert!(
+            text.contains("txp_requests_total{status=\"aborted\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("txp_requests_total{status=\"100\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("txp_request_duration_seconds_count 3"));
     }
 }
