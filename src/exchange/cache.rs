@@ -595,27 +595,46 @@ mod tests {
     }
 
     proptest! {
+        /// An entry lives until the earliest bound and is served exactly while more than the
+        /// margin is left of that life: probed at a random moment of (or after) it, through
+        /// the entry that [`serve_window`] and [`CachedToken::new`] build.
         #[test]
-        fn lifetime_never_exceeds_any_bound(
+        fn an_entry_is_served_only_while_more_than_the_margin_is_left(
             idp in proptest::option::of(0u64..100_000),
             subject in proptest::option::of(0u64..100_000),
             max_ttl in 0u64..100_000,
             margin in 0u64..1_000,
+            probe_permille in 0u64..=1_100,
         ) {
-            let s = Duration::from_secs;
-            let lifetime = entry_lifetime(idp.map(s), subject.map(s), s(max_ttl));
-            prop_assert!(lifetime <= s(max_ttl));
-            if let Some(i) = idp { prop_assert!(lifetime <= s(i)); }
-            if let Some(j) = subject { prop_assert!(lifetime <= s(j)); }
-            // It is one of the bounds, not something smaller.
-            let bounds = [idp, subject, Some(max_ttl)];
-            prop_assert!(bounds.iter().flatten().any(|b| s(*b) == lifetime));
+            let ms = Duration::from_millis;
+            let lifetime = entry_lifetime(idp.map(ms), subject.map(ms), ms(max_ttl));
+            let earliest = [idp, subject, Some(max_ttl)].into_iter().flatten().min();
+            prop_assert_eq!(Some(lifetime), earliest.map(ms));
 
-            let window = serve_window(lifetime, s(margin));
-            // Never served within the margin of the end...
-            prop_assert!(window + s(margin) <= lifetime || window.is_zero());
-            // ...and served for all of the rest.
-            prop_assert_eq!(window, s(lifetime.as_secs().saturating_sub(margin)));
+            let now = Instant::now();
+            let entry = CachedToken::new(
+                HeaderValue::from_static("Bearer x"),
+                serve_window(lifetime, ms(margin)),
+                lifetime,
+                now,
+            );
+            prop_assert_eq!(entry.lifetime_end, now + lifetime);
+            let t = lifetime * u32::try_from(probe_permille).unwrap_or(0) / 1000;
+            let left = lifetime.checked_sub(t);
+            let expected = left.is_some_and(|left| left > ms(margin));
+            prop_assert_eq!(
+                entry.is_servable(now + t),
+                expected,
+                "at {:?} of {:?} with margin {:?}",
+                t,
+                lifetime,
+                ms(margin)
+            );
+            // The last moment with more than the margin left is served.
+            if lifetime > ms(margin) {
+                let last = lifetime - ms(margin) - Duration::from_nanos(1);
+                prop_assert!(entry.is_servable(now + last));
+            }
         }
     }
 }

@@ -203,19 +203,95 @@ fn setup_fails_naming_the_key_and_file_but_no_content() {
     assert!(!msg.contains("c2VjcmV0"), "{msg}");
 }
 
+/// A token endpoint on loopback that answers one request with `body` (200, JSON), and hands
+/// back the request it read.
+async fn one_shot_token_endpoint(body: &'static str) -> (Url, tokio::task::JoinHandle<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/token", listener.local_addr().expect("addr"))
+        .parse()
+        .expect("url");
+    let served = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Head, then as many body bytes as Content-Length says.
+        loop {
+            let n = s.read(&mut buf).await.expect("read");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if n == 0 || got.len() >= end + 4 + length {
+                    break;
+                }
+            } else if n == 0 {
+                break;
+            }
+        }
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(answer.as_bytes()).await.expect("write");
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    (url, served)
+}
+
 #[tokio::test]
 async fn debug_output_names_no_secret() {
+    const SUBJECT: &str = "subject-token-value";
+    const CLIENT_SECRET: &str = "very-secret-value";
+    const EXCHANGED: &str = "exchanged-token-value";
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("secret");
-    std::fs::write(&secret, "very-secret-value").expect("write");
+    std::fs::write(&secret, CLIENT_SECRET).expect("write");
+    let (endpoint, served) = one_shot_token_endpoint(
+        r#"{"access_token":"exchanged-token-value","token_type":"Bearer","issued_token_type":"urn:ietf:params:oauth:token-type:access_token","expires_in":300}"#,
+    )
+    .await;
     let config = exchange_config(
-        None,
+        Some(endpoint),
         ClientAuth::ClientSecretPost {
             secret_file: secret,
         },
     );
     let (ex, _, _) = build(&config, ExchangerOptions::default());
+    // Every secret is in play: the client secret went to the IdP, the exchanged token is in
+    // the result and in the cache, and the subject token was the key.
+    let exchanged = ex.exchange(SUBJECT, None).await.expect("exchanged");
+    let request = served.await.expect("served");
+    assert!(
+        request.contains(&format!("client_secret={CLIENT_SECRET}")),
+        "{request}"
+    );
+    assert!(
+        request.contains(&format!("subject_token={SUBJECT}")),
+        "{request}"
+    );
+    assert_eq!(
+        exchanged.authorization.to_str().expect("ascii"),
+        format!("Bearer {EXCHANGED}")
+    );
+    ex.sync().await;
+    assert_eq!(ex.entry_count(), 1);
+
+    for (what, text) in [
+        ("exchanger", format!("{ex:?}")),
+        ("exchanged token", format!("{exchanged:?}")),
+    ] {
+        for secret in [SUBJECT, CLIENT_SECRET, EXCHANGED] {
+            assert!(!text.contains(secret), "{what} shows {secret}: {text}");
+        }
+    }
     let text = format!("{ex:?}");
     assert!(text.contains("client_secret_post"), "{text}");
-    assert!(!text.contains("very-secret-value"), "{text}");
+    assert!(text.contains("entries: 1"), "{text}");
 }

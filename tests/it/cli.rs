@@ -1,4 +1,5 @@
-//! The binary's command line: `check-config` exit codes, messages, shipped configs.
+//! The binary's command line: `check-config` exit codes, messages, shipped configs, and the
+//! effect of every `TXP_*` environment variable.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,22 +118,6 @@ fn flags_override_the_file_and_environment_overrides_the_file() {
     assert!(stdout.contains("listen: 127.0.0.1:7003"), "{stdout}");
 }
 
-#[test]
-fn help_documents_environment_variables() {
-    let out = bin().arg("--help").output().expect("run");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
-    for needle in [
-        "check-config",
-        "--upstream",
-        "TXP_UPSTREAM",
-        "--client-secret-file",
-        "--exchange-audience",
-    ] {
-        assert!(text.contains(needle), "--help lacks {needle}");
-    }
-}
-
 /// Writes `yaml` to a file in `dir` and runs `check-config` on it.
 fn check_yaml(dir: &tempfile::TempDir, yaml: &str) -> (i32, String, String) {
     let path = dir.path().join("config.yaml");
@@ -176,5 +161,91 @@ fn huge_durations_exit_64_naming_the_key() {
             stderr.contains(&format!("config error: {key}: ")),
             "{key}: {stderr}"
         );
+    }
+}
+
+/// What each option sets, for [`every_environment_variable_takes_effect`]: the long flag, its
+/// variable, a value, and where `check-config` prints it (a path into the printed YAML) with
+/// the value expected there.
+#[rustfmt::skip]
+const ENV_EFFECTS: &[(&str, &str, &str, &[&str], &str)] = &[
+    ("listen", "TXP_LISTEN", "127.0.0.1:7101", &["listen"], "127.0.0.1:7101"),
+    ("admin-listen", "TXP_ADMIN_LISTEN", "127.0.0.1:7102", &["admin_listen"], "127.0.0.1:7102"),
+    ("upstream", "TXP_UPSTREAM", "http://127.0.0.1:7103", &["upstream", "url"], "http://127.0.0.1:7103/"),
+    ("issuer", "TXP_ISSUER", "https://env-issuer.example", &["inbound", "issuer"], "https://env-issuer.example"),
+    ("audience", "TXP_AUDIENCE", "env-aud-1,env-aud-2", &["inbound", "audiences"], "env-aud-1,env-aud-2"),
+    ("mode", "TXP_MODE", "passthrough", &["mode"], "passthrough"),
+    ("token-endpoint", "TXP_TOKEN_ENDPOINT", "https://env-idp.example/token", &["exchange", "token_endpoint"], "https://env-idp.example/token"),
+    ("client-id", "TXP_CLIENT_ID", "env-client", &["exchange", "client_id"], "env-client"),
+    ("client-secret-file", "TXP_CLIENT_SECRET_FILE", "/env/secret", &["exchange", "client_auth", "secret_file"], "/env/secret"),
+    ("exchange-audience", "TXP_EXCHANGE_AUDIENCE", "env-xa-1,env-xa-2", &["exchange", "audience"], "env-xa-1,env-xa-2"),
+    ("exchange-resource", "TXP_EXCHANGE_RESOURCE", "https://r1.example/,https://r2.example/", &["exchange", "resource"], "https://r1.example/,https://r2.example/"),
+    ("exchange-scope", "TXP_EXCHANGE_SCOPE", "env.read env.write", &["exchange", "scope"], "env.read env.write"),
+    ("log-format", "TXP_LOG_FORMAT", "text", &["log", "format"], "text"),
+    ("log-level", "TXP_LOG_LEVEL", "debug", &["log", "level"], "debug"),
+];
+
+/// The config every [`ENV_EFFECTS`] run starts from: none of its values is one of theirs.
+const ENV_BASE: &str = "upstream: {url: 'http://127.0.0.1:8000'}\ninbound: {issuer: 'https://idp.example.com', audiences: [a]}\nexchange: {token_endpoint: 'https://idp.example.com/token', client_id: c, client_auth: {secret_file: /s}, audience: [b], resource: ['https://r.example/'], scope: s}\nlog: {format: json, level: info}\n";
+
+/// Runs `check-config` with only `env` in the environment; returns the printed config.
+fn check_with_env(env: &[(&str, &str)]) -> serde_yaml_ng::Value {
+    let out = bin()
+        .arg("check-config")
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{env:?}: {stdout}{stderr}");
+    serde_yaml_ng::from_str(&stdout).expect("check-config prints YAML")
+}
+
+/// The printed value at `path`, lists joined with commas.
+fn printed(config: &serde_yaml_ng::Value, path: &[&str]) -> String {
+    let v = path.iter().fold(config, |v, k| &v[*k]);
+    match v {
+        serde_yaml_ng::Value::Sequence(items) => items
+            .iter()
+            .map(|i| i.as_str().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.as_str().unwrap_or_default().to_string(),
+    }
+}
+
+#[test]
+fn every_environment_variable_takes_effect() {
+    use clap::CommandFactory;
+    // The table covers every option the command line has.
+    let mut options: Vec<String> = token_exchange_proxy::cli::Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(String::from))
+        .filter(|l| l != "help" && l != "version" && l != "config")
+        .collect();
+    options.sort();
+    let mut covered: Vec<String> = ENV_EFFECTS.iter().map(|e| e.0.to_string()).collect();
+    covered.sort();
+    assert_eq!(options, covered, "an option without a row in ENV_EFFECTS");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("base.yaml");
+    std::fs::write(&path, ENV_BASE).expect("write");
+    let file = path.to_str().expect("utf-8 path");
+    // TXP_CONFIG: the file is read without --config.
+    let base = check_with_env(&[("TXP_CONFIG", file)]);
+    assert_eq!(
+        printed(&base, &["upstream", "url"]),
+        "http://127.0.0.1:8000/"
+    );
+    for (flag, var, value, at, expected) in ENV_EFFECTS {
+        assert_ne!(
+            printed(&base, at),
+            *expected,
+            "{flag}: the base already has it"
+        );
+        let config = check_with_env(&[("TXP_CONFIG", file), (var, value)]);
+        assert_eq!(printed(&config, at), *expected, "{var}={value}");
     }
 }

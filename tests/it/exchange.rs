@@ -1392,19 +1392,83 @@ async fn discovery_is_retried_until_the_idp_answers() {
 /// Never in an error's text: the subject token, a secret, the IdP's error description.
 #[tokio::test]
 async fn errors_carry_no_token_or_idp_text() {
-    let idp = TokenEndpoint::start(public_client()).await;
-    let s = setup_with(&basic_exchange(&idp, ""), "{}", no_breaker());
-    idp.answer(Answer::error(400, Some("invalid_grant")));
-    let err = s
-        .exchanger
-        .exchange("subject-token-value", None)
-        .await
-        .expect_err("rejected");
-    let text = format!("{err} {err:?}");
-    assert!(
-        !text.contains("subject-token-value") && !text.contains("s3cr3t"),
-        "{text}"
+    const CLIENT_SECRET: &str = "client-secret-value-9f2";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, CLIENT_SECRET).expect("write");
+    let post = |secret: &str| ClientAuth::Post {
+        id: "txp".into(),
+        secret: secret.into(),
+    };
+    let idp = TokenEndpoint::start(post(CLIENT_SECRET)).await;
+    let s = setup_with(
+        &format!(
+            "{{token_endpoint: '{}', client_id: txp, client_auth: {{method: client_secret_post, secret_file: '{}'}}, timeout: 2s}}",
+            idp.url(),
+            secret_file.display()
+        ),
+        "{}",
+        no_breaker(),
     );
+    // What the IdP says besides its `error` code: the error_description of every error answer,
+    // the body of an unusable answer, the description of a client authentication failure.
+    let idp_text = [
+        "must not pass on",
+        "s3cr3t",
+        "maintenance",
+        "client authentication failed",
+    ];
+    let cases = [
+        (
+            Answer::error(400, Some("invalid_grant")),
+            None,
+            ExchangeError::SubjectRejected,
+        ),
+        (
+            Answer::error(400, Some("invalid_scope")),
+            None,
+            ExchangeError::ScopeRejected { scope: None },
+        ),
+        (
+            Answer::error(503, None),
+            None,
+            ExchangeError::Unavailable {
+                retry_after: Duration::from_secs(5),
+            },
+        ),
+        (Answer::Garbage, None, ExchangeError::InvalidResponse),
+        (
+            Answer::issue(300),
+            Some("another-secret"),
+            ExchangeError::ClientRejected,
+        ),
+    ];
+    for (i, (answer, idp_expects, expected)) in cases.into_iter().enumerate() {
+        idp.answer(answer.clone());
+        idp.expect_auth(post(idp_expects.unwrap_or(CLIENT_SECRET)));
+        let subject = format!("subject-token-value-{i}");
+        let err = s
+            .exchanger
+            .exchange(&subject, None)
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            std::mem::discriminant(&err),
+            std::mem::discriminant(&expected),
+            "{answer:?}: {err:?}"
+        );
+        // The secrets were in play: the IdP received both.
+        let seen = idp.last();
+        assert_eq!(seen.param("subject_token"), Some(subject.as_str()));
+        assert_eq!(seen.param("client_secret"), Some(CLIENT_SECRET));
+        let text = format!("{err} {err:?}");
+        for leak in [subject.as_str(), CLIENT_SECRET].iter().chain(&idp_text) {
+            assert!(
+                !text.contains(leak),
+                "{answer:?}: the error shows {leak:?}: {text}"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
