@@ -253,16 +253,7 @@ async fn an_sse_stream_cut_at_shutdown_still_gets_its_access_line() {
         issuer.url(),
         issuer.jwks_uri()
     ));
-    let admin = proc.admin_addr;
-    let ready = support::eventually(Duration::from_secs(10), async || {
-        client()
-            .get(format!("http://{admin}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "proxy never became ready");
+    support::wait_ready(proc.admin_addr).await;
     // A stream far longer than the shutdown timeout.
     let mut resp = client()
         .get(format!("http://{}/sse?n=100&gap_ms=200", proc.addr))
