@@ -1,8 +1,9 @@
 //! Micro-benchmarks of the per-request work of the proxy, without sockets, for profiling the
 //! cache-hit path: bearer-token extraction, validation of an already-seen token, validation
 //! of a new token (ES256 signature), an exchange served from the cache, the header rewrite,
-//! the access-log line, and all of the cache-hit steps together: the request through the
-//! validation and exchange layers in front of a service that answers at once.
+//! the access-log line and its timestamp, and all of the cache-hit steps together: the
+//! request through the validation and exchange layers in front of a service that answers at
+//! once.
 //!
 //! The validator and the exchanger are the real ones, built from a config and talking to the
 //! in-process fake IdP of `benches/support/fake_idp.rs` on 127.0.0.1:0.
@@ -15,6 +16,7 @@
 //! Async steps are driven with `Runtime::block_on`; the `block_on_ready` case measures that
 //! harness overhead so it can be subtracted.
 
+use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -246,6 +248,29 @@ fn benches(c: &mut Criterion) {
                 &mut line,
             );
             line.len()
+        })
+    });
+
+    // The access line's RFC 3339 timestamp alone, the proxy's against humantime's, at a fixed
+    // time so that reading the clock is not measured.
+    let at = std::time::UNIX_EPOCH + Duration::new(1_795_737_600, 123_456_789);
+    let mut stamp = Vec::with_capacity(32);
+    c.bench_function("access_log/timestamp", |b| {
+        b.iter(|| {
+            stamp.clear();
+            logging::Timestamp::from(std::hint::black_box(at)).write(&mut stamp);
+            stamp.len()
+        })
+    });
+    c.bench_function("access_log/timestamp_humantime", |b| {
+        b.iter(|| {
+            stamp.clear();
+            let _ = write!(
+                stamp,
+                "{}",
+                humantime::format_rfc3339_micros(std::hint::black_box(at))
+            );
+            stamp.len()
         })
     });
 

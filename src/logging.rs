@@ -239,16 +239,11 @@ pub struct Timestamp {
 impl Timestamp {
     /// The current wall-clock time.
     pub fn now() -> Self {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Self {
-            secs: d.as_secs(),
-            micros: d.subsec_micros(),
-        }
+        Self::from(std::time::SystemTime::now())
     }
 
-    fn write(&self, out: &mut Vec<u8>) {
+    /// Appends the timestamp to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
         let days = self.secs / 86_400;
         let rem = self.secs % 86_400;
         let (y, m, d) = civil_from_days(days);
@@ -266,6 +261,19 @@ impl Timestamp {
         out.push(b'.');
         push_padded(out, u64::from(self.micros), 6);
         out.push(b'Z');
+    }
+}
+
+impl From<std::time::SystemTime> for Timestamp {
+    /// `time`, or the Unix epoch for a time before it.
+    fn from(time: std::time::SystemTime) -> Self {
+        let d = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            secs: d.as_secs(),
+            micros: d.subsec_micros(),
+        }
     }
 }
 
