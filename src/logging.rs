@@ -15,7 +15,7 @@
 
 use std::io::Write;
 use std::sync::{Mutex, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
@@ -229,67 +229,30 @@ fn push_millis(out: &mut Vec<u8>, d: Duration) {
     push_padded(out, micros % 1000, 3);
 }
 
-/// A UTC time as RFC 3339 with microseconds, e.g. `2026-11-27T08:17:00.123456Z`.
+/// A UTC time, written as RFC 3339 with microseconds (e.g. `2026-11-27T08:17:00.123456Z`) by
+/// humantime. Its formatter costs about 120 ns per line (`access_log/timestamp` in
+/// `benches/hot_path.rs`), well under 1 % of a cache hit.
 #[derive(Debug, Clone, Copy)]
-pub struct Timestamp {
-    secs: u64,
-    micros: u32,
-}
+pub struct Timestamp(SystemTime);
 
 impl Timestamp {
     /// The current wall-clock time.
     pub fn now() -> Self {
-        Self::from(std::time::SystemTime::now())
+        Self::from(SystemTime::now())
     }
 
-    /// Appends the timestamp to `out`.
+    /// Appends the timestamp to `out`; nothing for a time past the year 9999, which RFC 3339
+    /// cannot express.
     pub fn write(&self, out: &mut Vec<u8>) {
-        let days = self.secs / 86_400;
-        let rem = self.secs % 86_400;
-        let (y, m, d) = civil_from_days(days);
-        push_padded(out, y, 4);
-        out.push(b'-');
-        push_padded(out, m, 2);
-        out.push(b'-');
-        push_padded(out, d, 2);
-        out.push(b'T');
-        push_padded(out, rem / 3600, 2);
-        out.push(b':');
-        push_padded(out, rem % 3600 / 60, 2);
-        out.push(b':');
-        push_padded(out, rem % 60, 2);
-        out.push(b'.');
-        push_padded(out, u64::from(self.micros), 6);
-        out.push(b'Z');
+        let _ = write!(out, "{}", humantime::format_rfc3339_micros(self.0));
     }
 }
 
-impl From<std::time::SystemTime> for Timestamp {
-    /// `time`, or the Unix epoch for a time before it.
-    fn from(time: std::time::SystemTime) -> Self {
-        let d = time
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Self {
-            secs: d.as_secs(),
-            micros: d.subsec_micros(),
-        }
+impl From<SystemTime> for Timestamp {
+    /// `time`, or the Unix epoch for a time before it (humantime formats none earlier).
+    fn from(time: SystemTime) -> Self {
+        Self(time.max(UNIX_EPOCH))
     }
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day), by the well-known
-/// era/day-of-era decomposition (400-year cycles of 146,097 days).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
 }
 
 /// Installs the global subscriber and starts the flushing thread. Call once, from `main`.
@@ -325,21 +288,28 @@ pub fn init(config: &Log) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn civil_dates_match_known_days() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_819), (2027, 1, 1));
+    /// The timestamp written for `secs` and `nanos` after the Unix epoch.
+    fn stamp(secs: u64, nanos: u32) -> String {
         let mut out = Vec::new();
-        Timestamp {
-            secs: 1_795_737_600 + 3_723,
-            micros: 42,
-        }
-        .write(&mut out);
+        Timestamp::from(UNIX_EPOCH + Duration::new(secs, nanos)).write(&mut out);
+        String::from_utf8(out).expect("utf8")
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        assert_eq!(stamp(0, 0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(
-            String::from_utf8(out).expect("utf8"),
+            stamp(951_782_400, 999_999_999),
+            "2000-02-29T00:00:00.999999Z"
+        );
+        assert_eq!(stamp(1_798_761_600, 0), "2027-01-01T00:00:00.000000Z");
+        assert_eq!(
+            stamp(1_795_737_600 + 3_723, 42_000),
             "2026-11-27T01:02:03.000042Z"
         );
+        let mut out = Vec::new();
+        Timestamp::from(UNIX_EPOCH - Duration::from_secs(1)).write(&mut out);
+        assert_eq!(out, b"1970-01-01T00:00:00.000000Z", "a clock before 1970");
     }
 
     #[test]
@@ -383,10 +353,7 @@ mod tests {
 
     /// The line for [`record`] at 2026-11-27T00:00:00.000005Z.
     fn line(format: LogFormat) -> Vec<u8> {
-        let ts = Timestamp {
-            secs: 1_795_737_600,
-            micros: 5,
-        };
+        let ts = Timestamp::from(UNIX_EPOCH + Duration::new(1_795_737_600, 5_000));
         let mut out = Vec::new();
         format_access(format, &ts, &record(), &mut out);
         out
