@@ -7,7 +7,11 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use url::Url;
 
@@ -130,6 +134,21 @@ impl IdpClient {
     }
 }
 
+/// `Authorization: Basic …` for `client_secret_basic` (RFC 6749 §2.3.1 with RFC 7617), at the
+/// token endpoint and the introspection endpoint alike: the client id and the secret are each
+/// application/x-www-form-urlencoded (RFC 6749 Appendix B) before they are joined by `:` and
+/// Base64-encoded, so a `:` or `%` in either survives. Marked sensitive.
+pub(crate) fn basic_authorization(client_id: &str, secret: &SecretString) -> HeaderValue {
+    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let pair = format!("{}:{}", enc(client_id), enc(secret.expose_secret()));
+    // Base64 is visible ASCII, so the value is always a valid header; the fallback (no
+    // credentials, which the IdP answers 401) is never taken.
+    let mut value = HeaderValue::try_from(format!("Basic {}", STANDARD.encode(pair)))
+        .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+    value.set_sensitive(true);
+    value
+}
+
 /// Reads a response body, refusing more than [`MAX_RESPONSE_BYTES`].
 pub async fn read_limited(mut resp: reqwest::Response) -> Result<Bytes, IdpError> {
     if resp
@@ -241,6 +260,47 @@ mod tests {
         assert_eq!(
             urls[1].as_str(),
             "http://127.0.0.1:9000/.well-known/oauth-authorization-server"
+        );
+    }
+
+    /// The credentials inside a `Basic` header value.
+    fn decode_basic(value: &HeaderValue) -> String {
+        let b64 = value
+            .to_str()
+            .expect("ascii")
+            .strip_prefix("Basic ")
+            .expect("basic");
+        String::from_utf8(STANDARD.decode(b64).expect("base64")).expect("utf8")
+    }
+
+    #[test]
+    fn basic_credentials_are_form_encoded_before_base64() {
+        let v = basic_authorization("my client:1", &SecretString::from("p@ss:w%rd+ /é"));
+        assert!(v.is_sensitive());
+        assert_eq!(
+            decode_basic(&v),
+            "my+client%3A1:p%40ss%3Aw%25rd%2B+%2F%C3%A9"
+        );
+        // Only the first ':' separates id from secret after decoding.
+        let decoded = decode_basic(&v);
+        let (id, secret) = decoded.split_once(':').expect("colon");
+        let unenc = |s: &str| {
+            url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                .next()
+                .expect("pair")
+                .1
+                .into_owned()
+        };
+        assert_eq!(unenc(id), "my client:1");
+        assert_eq!(unenc(secret), "p@ss:w%rd+ /é");
+    }
+
+    #[test]
+    fn plain_ids_and_secrets_are_unchanged() {
+        let v = basic_authorization("txp", &SecretString::from("s3cr3t"));
+        assert_eq!(
+            v,
+            format!("Basic {}", STANDARD.encode("txp:s3cr3t")).as_str()
         );
     }
 

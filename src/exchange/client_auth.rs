@@ -2,7 +2,7 @@
 //!
 //! - `client_secret_basic` (RFC 6749 §2.3.1): `Authorization: Basic base64(id ":" secret)`,
 //!   where id and secret are each application/x-www-form-urlencoded first (Appendix B), so a
-//!   `:` or `%` in either survives.
+//!   `:` or `%` in either survives ([`basic_authorization`], shared with introspection).
 //! - `client_secret_post` (RFC 6749 §2.3.1): `client_id` and `client_secret` in the form.
 //! - `private_key_jwt` (RFC 7523 §2.2 and §3, OIDC Core §9): a fresh JWT signed with the PEM
 //!   key in `private_key_file` (RSA → RS256, P-256 → ES256, P-384 → ES384), with
@@ -35,6 +35,7 @@ use serde::Serialize;
 use url::Url;
 
 use crate::config::ClientAuth;
+use crate::idp::basic_authorization;
 use crate::secret::{self, SecretError, SecretFile};
 
 /// RFC 7521 §4.2 / RFC 7523 §2.2: the assertion type for a JWT client assertion.
@@ -58,9 +59,6 @@ pub enum CredentialError {
     /// Signing (or drawing randomness for `jti`) failed.
     #[error("cannot sign the client assertion")]
     Sign,
-    /// The encoded credentials are not a valid header value.
-    #[error("the client credentials cannot be sent in an HTTP header")]
-    Header,
 }
 
 /// What a token request carries to authenticate the proxy.
@@ -79,7 +77,6 @@ pub(crate) struct ClientAuthenticator {
 
 enum Method {
     Basic {
-        encoded_id: String,
         secret: SecretFile,
     },
     Post {
@@ -120,7 +117,6 @@ impl ClientAuthenticator {
             ClientAuth::ClientSecretBasic { secret_file } => {
                 check_readable(secret_file)?;
                 Method::Basic {
-                    encoded_id: form_encode(client_id),
                     secret: SecretFile::new(secret_file),
                 }
             }
@@ -163,13 +159,10 @@ impl ClientAuthenticator {
     ) -> Result<Credentials, CredentialError> {
         let id = || SecretString::from(self.client_id.clone());
         Ok(match &self.method {
-            Method::Basic { encoded_id, secret } => {
-                let secret = secret.get().await?;
-                Credentials {
-                    authorization: Some(basic_authorization(encoded_id, &secret)?),
-                    params: vec![],
-                }
-            }
+            Method::Basic { secret } => Credentials {
+                authorization: Some(basic_authorization(&self.client_id, &secret.get().await?)),
+                params: vec![],
+            },
             Method::Post { secret } => Credentials {
                 authorization: None,
                 params: vec![("client_id", id()), ("client_secret", secret.get().await?)],
@@ -220,23 +213,6 @@ fn check_readable(path: &Path) -> Result<SecretString, CredentialError> {
         return Err(SecretError::Empty(path.to_path_buf()).into());
     }
     Ok(SecretString::from(trimmed.to_owned()))
-}
-
-/// application/x-www-form-urlencoded, as RFC 6749 Appendix B asks for client credentials.
-fn form_encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-/// RFC 6749 §2.3.1 with RFC 7617: `Basic base64(urlenc(id) ":" urlenc(secret))`.
-fn basic_authorization(
-    encoded_id: &str,
-    secret: &SecretString,
-) -> Result<HeaderValue, CredentialError> {
-    let pair = format!("{encoded_id}:{}", form_encode(secret.expose_secret()));
-    let mut value = HeaderValue::try_from(format!("Basic {}", STANDARD.encode(pair)))
-        .map_err(|_| CredentialError::Header)?;
-    value.set_sensitive(true);
-    Ok(value)
 }
 
 /// A private key file, parsed again only when its content changes.
@@ -431,51 +407,6 @@ mod tests {
         )
     }
 
-    fn decode_basic(value: &HeaderValue) -> String {
-        let b64 = value
-            .to_str()
-            .expect("ascii")
-            .strip_prefix("Basic ")
-            .expect("basic");
-        String::from_utf8(STANDARD.decode(b64).expect("base64")).expect("utf8")
-    }
-
-    #[test]
-    fn basic_credentials_are_form_encoded_before_base64() {
-        let v = basic_authorization(
-            &form_encode("my client:1"),
-            &SecretString::from("p@ss:w%rd+ /é"),
-        )
-        .expect("header");
-        assert!(v.is_sensitive());
-        assert_eq!(
-            decode_basic(&v),
-            "my+client%3A1:p%40ss%3Aw%25rd%2B+%2F%C3%A9"
-        );
-        // Only the first ':' separates id from secret after decoding.
-        let decoded = decode_basic(&v);
-        let (id, secret) = decoded.split_once(':').expect("colon");
-        let unenc = |s: &str| {
-            url::form_urlencoded::parse(format!("x={s}").as_bytes())
-                .next()
-                .expect("pair")
-                .1
-                .into_owned()
-        };
-        assert_eq!(unenc(id), "my client:1");
-        assert_eq!(unenc(secret), "p@ss:w%rd+ /é");
-    }
-
-    #[test]
-    fn plain_ids_and_secrets_are_unchanged() {
-        let v = basic_authorization(&form_encode("txp"), &SecretString::from("s3cr3t"))
-            .expect("header");
-        assert_eq!(
-            v,
-            format!("Basic {}", STANDARD.encode("txp:s3cr3t")).as_str()
-        );
-    }
-
     fn verify(
         jws: &str,
         alg: &'static dyn signature::VerificationAlgorithm,
@@ -613,9 +544,11 @@ mod tests {
         )
         .expect("basic");
         let c = basic.credentials(&endpoint).await.expect("creds");
+        let authorization = c.authorization.expect("header");
+        assert!(authorization.is_sensitive());
         assert_eq!(
-            decode_basic(c.authorization.as_ref().expect("header")),
-            "txp:s3cr3t"
+            authorization,
+            basic_authorization("txp", &SecretString::from("s3cr3t"))
         );
         assert!(c.params.is_empty());
 

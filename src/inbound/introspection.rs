@@ -8,10 +8,6 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use http::HeaderValue;
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 use url::Url;
@@ -19,7 +15,7 @@ use url::Url;
 use super::claims::Claims;
 use super::jwt;
 use crate::config::Introspection;
-use crate::idp::{self, IdpClient};
+use crate::idp::{self, IdpClient, basic_authorization};
 use crate::secret::SecretFile;
 
 /// An introspection endpoint answers in milliseconds; past this the request is better
@@ -122,7 +118,7 @@ impl Introspector {
                 let secret = file.get().await.map_err(IntrospectionError::Secret)?;
                 request = request.header(
                     http::header::AUTHORIZATION,
-                    basic_authorization(&self.client_id, secret.expose_secret()),
+                    basic_authorization(&self.client_id, &secret),
                 );
             }
             None => form.push(("client_id", &self.client_id)),
@@ -171,34 +167,9 @@ pub fn parse_response(body: &[u8]) -> Result<Introspected, IntrospectionError> {
     Ok(Introspected { active, claims })
 }
 
-/// `Authorization: Basic …` for `client_secret_basic` (RFC 6749 §2.3.1): the id and secret are
-/// encoded with application/x-www-form-urlencoded (Appendix B) before Base64. Marked sensitive.
-pub fn basic_authorization(client_id: &str, secret: &str) -> HeaderValue {
-    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let credentials = STANDARD.encode(format!("{}:{}", enc(client_id), enc(secret)));
-    let mut value = HeaderValue::try_from(format!("Basic {credentials}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
-    value.set_sensitive(true);
-    value
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn basic_credentials_are_form_urlencoded_before_base64() {
-        let v = basic_authorization("my client", "p@ss:w/rd+é");
-        assert!(v.is_sensitive());
-        let text = v.to_str().expect("ascii");
-        let decoded = STANDARD
-            .decode(text.strip_prefix("Basic ").expect("scheme"))
-            .expect("base64");
-        assert_eq!(
-            String::from_utf8(decoded).expect("utf8"),
-            "my+client:p%40ss%3Aw%2Frd%2B%C3%A9"
-        );
-    }
 
     #[test]
     fn only_a_literal_true_is_active() {
