@@ -1,6 +1,10 @@
 //! The issuer's signing keys: a JWK Set (RFC 7517 §5) turned into verification keys once, when
 //! it is fetched, and the store that swaps sets in and rate-limits refetches.
 //!
+//! jsonwebtoken reads each JWK ([`Jwk`]) and builds its key ([`DecodingKey::from_jwk`]); the
+//! proxy adds what it does not check: what the key is for (`use`, `key_ops`), a type and curve
+//! it can verify with, the RSA modulus size and the EC and Ed25519 key lengths.
+//!
 //! Key selection follows RFC 7515 §4.1.4 and RFC 8725 §3.1: the token's `kid` names one key;
 //! the key's type and curve must fit the token's `alg` (RFC 7518 §3.1) and, when the JWK
 //! carries an `alg` (RFC 7517 §4.4), it must be the token's. Only one key is ever tried.
@@ -13,6 +17,7 @@ use std::time::Duration;
 use aws_lc_rs::digest;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyOperations, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use url::Url;
@@ -89,111 +94,45 @@ impl VerifyKey {
     }
 }
 
-/// The members of a JWK the proxy reads (RFC 7517 §4, RFC 7518 §6).
-#[derive(Debug, Deserialize)]
-struct RawJwk {
-    kty: String,
-    kid: Option<String>,
-    #[serde(rename = "use")]
-    use_: Option<String>,
-    key_ops: Option<Vec<String>>,
-    alg: Option<String>,
-    crv: Option<String>,
-    n: Option<String>,
-    e: Option<String>,
-    x: Option<String>,
-    y: Option<String>,
-}
-
-/// A JWK Set document. Keys stay generic JSON so that one odd key (an unknown `kty`, an
-/// encryption key) is skipped instead of failing the whole set.
+/// A JWK Set document. Each key stays generic JSON until it is read on its own as a [`Jwk`]:
+/// jsonwebtoken's `JwkSet` reads them all at once, so one odd key (an unknown `kty`, an
+/// encryption key of a kind it does not know) would fail the whole set instead of being skipped.
 #[derive(Debug, Deserialize)]
 pub struct JwkSetDocument {
     pub keys: Vec<serde_json::Value>,
 }
 
-fn b64(field: &Option<String>) -> Result<Vec<u8>, &'static str> {
-    let s = field.as_deref().ok_or("missing key parameter")?;
-    URL_SAFE_NO_PAD
-        .decode(s)
-        .map_err(|_| "key parameter is not base64url")
-}
-
 /// Converts one JWK into a verification key, or says why it cannot be used.
 pub fn key_from_jwk(value: &serde_json::Value) -> Result<VerifyKey, &'static str> {
-    let jwk = RawJwk::deserialize(value).map_err(|_| "not a JWK")?;
+    let jwk = Jwk::deserialize(value).map_err(|_| "not a JWK")?;
     // RFC 7517 §4.2: a key whose `use` is not `sig` is not for verifying signatures.
-    if jwk.use_.as_deref().is_some_and(|u| u != "sig") {
+    if jwk
+        .common
+        .public_key_use
+        .as_ref()
+        .is_some_and(|u| *u != PublicKeyUse::Signature)
+    {
         return Err("use is not sig");
     }
     // RFC 7517 §4.3: when `key_ops` is present it must allow verification.
     if jwk
-        .key_ops
+        .common
+        .key_operations
         .as_ref()
-        .is_some_and(|ops| !ops.iter().any(|o| o == "verify"))
+        .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
     {
         return Err("key_ops does not include verify");
     }
-    let mut material: Vec<u8> = Vec::new();
-    let (ty, key) = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
-        ("RSA", _) => {
-            let n = b64(&jwk.n)?;
-            let e = b64(&jwk.e)?;
-            let n: Vec<u8> = n.into_iter().skip_while(|b| *b == 0).collect();
-            let Some(first) = n.first() else {
-                return Err("RSA modulus is zero");
-            };
-            let bits = n.len() * 8 - first.leading_zeros() as usize;
-            if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
-                return Err("RSA modulus size not accepted");
-            }
-            if e.is_empty() || e.len() > 8 {
-                return Err("RSA exponent not accepted");
-            }
-            let key = DecodingKey::from_rsa_raw_components(&n, &e);
-            material.extend_from_slice(&n);
-            material.push(0);
-            material.extend_from_slice(&e);
-            (KeyType::Rsa, key)
-        }
-        ("EC", Some(crv @ ("P-256" | "P-384"))) => {
-            let (ty, len) = if crv == "P-256" {
-                (KeyType::P256, 32)
-            } else {
-                (KeyType::P384, 48)
-            };
-            let x = b64(&jwk.x)?;
-            let y = b64(&jwk.y)?;
-            if x.len() != len || y.len() != len {
-                return Err("EC coordinates do not fit the curve");
-            }
-            // The uncompressed point (SEC 1 §2.3.3): the raw public key bytes that jsonwebtoken's
-            // `from_ec_der` hands to aws-lc (the same bytes `from_ec_components` builds).
-            let mut point = Vec::with_capacity(1 + 2 * len);
-            point.push(0x04);
-            point.extend_from_slice(&x);
-            point.extend_from_slice(&y);
-            let key = DecodingKey::from_ec_der(&point);
-            material = point;
-            (ty, key)
-        }
-        ("OKP", Some("Ed25519")) => {
-            let x = b64(&jwk.x)?;
-            if x.len() != 32 {
-                return Err("Ed25519 key has the wrong length");
-            }
-            // The raw 32-byte public key (RFC 8037 §2), as `from_ed_components` would build it.
-            let key = DecodingKey::from_ed_der(&x);
-            material = x;
-            (KeyType::Ed25519, key)
-        }
-        ("oct", _) => return Err("symmetric keys are never used"),
-        _ => return Err("key type or curve not supported"),
-    };
-    let alg = match jwk.alg.as_deref() {
+    if let AlgorithmParameters::OctetKey(_) = jwk.algorithm {
+        return Err("symmetric keys are never used");
+    }
+    let key = DecodingKey::from_jwk(&jwk).map_err(|_| "key parameter is not base64url")?;
+    let (ty, key, material) = checked(&jwk.algorithm, key)?;
+    let alg = match jwk.common.key_algorithm {
         None => None,
+        // `KeyAlgorithm` displays the JWA name of each signature algorithm.
         Some(name) => {
-            let alg = jwt::parse_alg(name).ok_or("alg not supported")?;
+            let alg = jwt::parse_alg(&name.to_string()).ok_or("alg not supported")?;
             if !ty.fits(alg) {
                 return Err("alg does not fit the key type");
             }
@@ -201,7 +140,7 @@ pub fn key_from_jwk(value: &serde_json::Value) -> Result<VerifyKey, &'static str
         }
     };
     let mut ctx = digest::Context::new(&digest::SHA256);
-    let kid = jwk.kid.unwrap_or_default();
+    let kid = jwk.common.key_id.unwrap_or_default();
     ctx.update(&(kid.len() as u64).to_be_bytes());
     ctx.update(kid.as_bytes());
     ctx.update(&[ty as u8]);
@@ -215,6 +154,70 @@ pub fn key_from_jwk(value: &serde_json::Value) -> Result<VerifyKey, &'static str
         key,
         fingerprint,
     })
+}
+
+/// The checks jsonwebtoken does not make on the `key` it built from `params`: a type and curve
+/// the proxy verifies with, the RSA modulus size and exponent length, the EC coordinate and
+/// Ed25519 key lengths. Returns the key's type, the key, and the bytes that identify it (its
+/// fingerprint is taken over them).
+fn checked(
+    params: &AlgorithmParameters,
+    key: DecodingKey,
+) -> Result<(KeyType, DecodingKey, Vec<u8>), &'static str> {
+    Ok(match params {
+        AlgorithmParameters::RSA(p) => {
+            let (n, e) = (b64(&p.n)?, b64(&p.e)?);
+            let leading = n.iter().take_while(|b| **b == 0).count();
+            let n = &n[leading..];
+            let Some(first) = n.first() else {
+                return Err("RSA modulus is zero");
+            };
+            let bits = n.len() * 8 - first.leading_zeros() as usize;
+            if !(RSA_MIN_BITS..=RSA_MAX_BITS).contains(&bits) {
+                return Err("RSA modulus size not accepted");
+            }
+            if e.is_empty() || e.len() > 8 {
+                return Err("RSA exponent not accepted");
+            }
+            // aws-lc refuses a modulus with leading zero bytes, which RFC 7518 §6.3.1.1 forbids
+            // and some IdPs send anyway: then the same key, without them.
+            let key = if leading > 0 {
+                DecodingKey::from_rsa_raw_components(n, &e)
+            } else {
+                key
+            };
+            (KeyType::Rsa, key, [n, &[0], &e].concat())
+        }
+        AlgorithmParameters::EllipticCurve(p) => {
+            let (ty, len) = match p.curve {
+                EllipticCurve::P256 => (KeyType::P256, 32),
+                EllipticCurve::P384 => (KeyType::P384, 48),
+                _ => return Err("key type or curve not supported"),
+            };
+            let (x, y) = (b64(&p.x)?, b64(&p.y)?);
+            if x.len() != len || y.len() != len {
+                return Err("EC coordinates do not fit the curve");
+            }
+            // The uncompressed point (SEC 1 §2.3.3), as jsonwebtoken builds it from x and y.
+            (ty, key, [&[0x04], x.as_slice(), &y].concat())
+        }
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            // The raw public key (RFC 8037 §2).
+            let x = b64(&p.x)?;
+            if x.len() != 32 {
+                return Err("Ed25519 key has the wrong length");
+            }
+            (KeyType::Ed25519, key, x)
+        }
+        _ => return Err("key type or curve not supported"),
+    })
+}
+
+/// A base64url key parameter (RFC 7518 §6), decoded as jsonwebtoken decodes it.
+fn b64(param: &str) -> Result<Vec<u8>, &'static str> {
+    URL_SAFE_NO_PAD
+        .decode(param)
+        .map_err(|_| "key parameter is not base64url")
 }
 
 /// Why no key could be chosen for a token.
@@ -663,6 +666,86 @@ mod tests {
         );
         let tampered = format!("eyJhbGciOiJFUzI1NiJ9.e31.{signature}");
         assert!(!key.verify(&jwt::split(&tampered).expect("segments"), Algorithm::ES256));
+    }
+
+    /// A token with `header` and an empty claims set, signed by `sign`.
+    fn signed(header: &str, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> String {
+        let input = format!("{}.e30", b64u(header.as_bytes()));
+        let signature = b64u(&sign(input.as_bytes()));
+        format!("{input}.{signature}")
+    }
+
+    #[test]
+    fn rsa_keys_verify_with_or_without_a_padded_modulus() {
+        let pair = sig::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("keygen");
+        let c = sig::RsaPublicKeyComponents::<Vec<u8>>::from(pair.public_key());
+        let token = signed(r#"{"alg":"RS256"}"#, |input| {
+            let mut out = vec![0; pair.public_modulus_len()];
+            pair.sign(
+                &sig::RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                input,
+                &mut out,
+            )
+            .expect("sign");
+            out
+        });
+        let segments = jwt::split(&token).expect("three segments");
+        let plain = json!({"kty": "RSA", "kid": "r", "n": b64u(&c.n), "e": b64u(&c.e)});
+        let padded_n = [[0u8].as_slice(), &c.n].concat();
+        let padded = json!({"kty": "RSA", "kid": "r", "n": b64u(&padded_n), "e": b64u(&c.e)});
+        for jwk in [&plain, &padded] {
+            let key = key_from_jwk(jwk).expect("usable");
+            assert!(key.verify(&segments, Algorithm::RS256), "{jwk}");
+            assert!(!key.verify(&segments, Algorithm::PS256), "{jwk}");
+        }
+        assert_eq!(set(vec![plain, padded]).len(), 1, "the same key twice");
+    }
+
+    #[test]
+    fn ed25519_keys_verify_eddsa_only() {
+        let pair = sig::Ed25519KeyPair::generate().expect("keygen");
+        let x = b64u(pair.public_key().as_ref());
+        let token = signed(r#"{"alg":"EdDSA"}"#, |input| {
+            pair.sign(input).as_ref().to_vec()
+        });
+        let segments = jwt::split(&token).expect("three segments");
+        let key = key_from_jwk(&json!({"kty": "OKP", "crv": "Ed25519", "x": x})).expect("usable");
+        assert_eq!(key.ty, KeyType::Ed25519);
+        assert!(key.verify(&segments, Algorithm::EdDSA));
+        assert!(!key.verify(&segments, Algorithm::ES256));
+        for odd in [
+            json!({"kty": "EC", "crv": "Ed25519", "x": x, "y": x}),
+            json!({"kty": "OKP", "crv": "P-256", "x": x}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": b64u(&[7; 31])}),
+        ] {
+            assert!(key_from_jwk(&odd).is_err(), "{odd}");
+        }
+    }
+
+    #[test]
+    fn odd_members_make_a_key_unusable_not_the_set() {
+        let mut hmac_alg = rsa_jwk("hs");
+        hmac_alg["alg"] = "HS256".into();
+        let mut numeric_kid = rsa_jwk("n");
+        numeric_kid["kid"] = json!(7);
+        let mut no_exponent = rsa_jwk("e");
+        no_exponent["e"] = "".into();
+        let mut no_y = ec_jwk("y", "P-256", 32);
+        no_y.as_object_mut().expect("object").remove("y");
+        let uneven = json!({"kty": "EC", "kid": "u", "crv": "P-256", "x": b64u(&[1; 31]), "y": b64u(&[2; 33])});
+        let (s, skipped) = KeySet::from_document(&JwkSetDocument {
+            keys: vec![
+                hmac_alg,
+                numeric_kid,
+                no_exponent,
+                no_y,
+                uneven,
+                rsa_jwk("ok"),
+            ],
+        });
+        assert_eq!((s.len(), skipped.len()), (1, 5), "{skipped:?}");
+        assert!(s.select(Some("ok"), Algorithm::RS256).is_ok());
     }
 
     async fn counting_fetch(calls: &AtomicUsize, delay: Duration) -> Option<(KeySet, ())> {
