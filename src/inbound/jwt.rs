@@ -4,10 +4,13 @@
 //! (RFC 7515 §2, "Base64url Encoding"), every decoded JSON text is scanned for nesting depth
 //! before serde sees it, and the header is read into a closed struct so duplicate members are
 //! refused. Only then may a key be looked up or a signature verified.
+//!
+//! jsonwebtoken supplies the algorithm names ([`Algorithm`]), and the keys and the signature
+//! check ([`super::jwks`]); the header is read here, for the reasons given at [`Header`].
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::Algorithm;
+use jsonwebtoken::{Algorithm, AlgorithmFamily};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -124,6 +127,13 @@ pub fn nesting_within(json: &[u8], max: usize) -> bool {
 
 /// The JOSE header members the proxy reads (RFC 7515 §4.1). Members not listed are ignored;
 /// a member listed twice is an error (serde refuses duplicate fields).
+///
+/// jsonwebtoken's `decode_header` is not used: its `Header` reads `alg` into its enum, so
+/// `none` fails to parse instead of being refused as an algorithm; it types every member it
+/// does not name as a string, so `{"crit":["x"],"x":true}` fails to parse instead of being
+/// refused for its `crit`, and a header with a numeric private member (`"ver":1`), accepted
+/// here, would be refused; and it reads `jwk` as a whole key. The rejection reasons would
+/// change, and so would the tokens accepted.
 #[derive(Debug, Deserialize)]
 pub struct Header {
     /// `alg`: required.
@@ -146,6 +156,27 @@ pub struct Header {
 }
 
 impl Header {
+    /// The `alg`, when it names an algorithm the proxy can verify (see [`parse_alg`]).
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        parse_alg(&self.alg)
+    }
+
+    /// The header rules beyond the algorithm, in this order: no key of its own
+    /// (RFC 8725 §3.10, [`Header::names_own_key`]), no `crit` (the proxy understands no
+    /// extension, RFC 7515 §4.1.11), and a `typ` made for an access token ([`typ_accepted`]).
+    pub fn check(&self) -> Result<(), Malformed> {
+        if self.names_own_key() {
+            return Err(Malformed("token header names its own key"));
+        }
+        if self.crit.is_some() {
+            return Err(Malformed("unsupported critical header"));
+        }
+        if !typ_accepted(self.typ.as_deref()) {
+            return Err(Malformed("token type not accepted"));
+        }
+        Ok(())
+    }
+
     /// True when the header points at a key outside the issuer's JWKS (`jku`, `x5u`, `jwk`).
     /// `x5c`/`x5t` are ignored instead: they only ever describe a key, and the proxy takes keys
     /// from the JWKS alone.
@@ -177,27 +208,17 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Malfo
     serde_json::from_slice(bytes).map_err(|_| Malformed("malformed token"))
 }
 
-/// The asymmetric algorithms the proxy can verify, by their JWA name (RFC 7518 §3.1).
-/// `none` and the HMAC algorithms are not in this list: a shared secret cannot prove that the
-/// issuer, rather than another holder of the secret, signed a token.
+/// The asymmetric algorithms the proxy can verify, by their JWA name (RFC 7518 §3.1), as
+/// jsonwebtoken reads them (exact, case-sensitive names). `none` is not one of them, and the
+/// HMAC algorithms are dropped: a shared secret cannot prove that the issuer, rather than
+/// another holder of the secret, signed a token.
 pub fn parse_alg(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
+    name.parse().ok().filter(|alg| is_asymmetric(*alg))
 }
 
 /// False for the HMAC algorithms, which are never accepted whatever the configuration says.
 pub fn is_asymmetric(alg: Algorithm) -> bool {
-    !matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+    alg.family() != AlgorithmFamily::Hmac
 }
 
 /// `typ` values accepted for an access token: absent, `JWT` (RFC 7519 §5.1) or `at+jwt`
@@ -316,10 +337,88 @@ mod tests {
         assert!(!h.names_own_key());
     }
 
+    /// A header's verdict: the algorithm (or `None`), then the rules of [`Header::check`].
+    fn verdict(json: &str) -> (Option<Algorithm>, Result<(), Malformed>) {
+        let h = parse_header(&b64(json)).expect("parses");
+        (h.algorithm(), h.check())
+    }
+
+    #[test]
+    fn header_rules_refuse_own_keys_crit_and_other_types() {
+        let refused = |why| (Some(Algorithm::RS256), Err(Malformed(why)));
+        for (json, want) in [
+            (
+                r#"{"alg":"RS256","kid":"k","typ":"at+jwt"}"#,
+                (Some(Algorithm::RS256), Ok(())),
+            ),
+            (
+                r#"{"alg":"RS256","ver":1,"x5c":[1],"cty":5}"#,
+                (Some(Algorithm::RS256), Ok(())),
+            ),
+            (r#"{"alg":"none"}"#, (None, Ok(()))),
+            (r#"{"alg":"HS256"}"#, (None, Ok(()))),
+            (
+                r#"{"alg":"RS256","jku":"https://evil/jwks"}"#,
+                refused("token header names its own key"),
+            ),
+            (
+                r#"{"alg":"RS256","x5u":{"not":"a string"}}"#,
+                refused("token header names its own key"),
+            ),
+            (
+                r#"{"alg":"RS256","jwk":{"kty":"RSA"}}"#,
+                refused("token header names its own key"),
+            ),
+            (
+                r#"{"alg":"RS256","crit":["x"],"x":true}"#,
+                refused("unsupported critical header"),
+            ),
+            (
+                r#"{"alg":"RS256","crit":[]}"#,
+                refused("unsupported critical header"),
+            ),
+            (
+                r#"{"alg":"RS256","typ":"dpop+jwt"}"#,
+                refused("token type not accepted"),
+            ),
+            // The order of the rules: an own key first, then `crit`, then `typ`.
+            (
+                r#"{"alg":"RS256","typ":"x","crit":["x"],"jku":"u"}"#,
+                refused("token header names its own key"),
+            ),
+            (
+                r#"{"alg":"RS256","typ":"x","crit":["x"]}"#,
+                refused("unsupported critical header"),
+            ),
+        ] {
+            assert_eq!(verdict(json), want, "{json}");
+        }
+    }
+
+    /// What [`Header`] says about jsonwebtoken's own header: these parse here and are refused
+    /// (or accepted) for their content, but jsonwebtoken cannot read them at all.
+    #[test]
+    fn jsonwebtoken_cannot_read_headers_the_proxy_judges() {
+        for json in [
+            r#"{"alg":"none"}"#,
+            r#"{"alg":"RS256","crit":["x"],"x":true}"#,
+            r#"{"alg":"RS256","ver":1}"#,
+        ] {
+            assert!(parse_header(&b64(json)).is_ok(), "{json}");
+            let token = format!("{}.e30.AAAA", b64(json));
+            assert!(jsonwebtoken::decode_header(&token).is_err(), "{json}");
+        }
+    }
+
     #[test]
     fn only_asymmetric_algorithms_parse() {
         assert_eq!(parse_alg("RS256"), Some(Algorithm::RS256));
         assert_eq!(parse_alg("EdDSA"), Some(Algorithm::EdDSA));
+        for good in [
+            "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA",
+        ] {
+            assert!(parse_alg(good).is_some_and(is_asymmetric), "{good}");
+        }
         for bad in [
             "none", "None", "HS256", "HS384", "HS512", "rs256", "ES512", "",
         ] {

@@ -383,24 +383,11 @@ impl Validator {
     ) -> Result<Principal, InboundError> {
         let malformed = |e: jwt::Malformed| reject(RejectReason::Malformed, e.0);
         let header = jwt::parse_header(segments.header).map_err(malformed)?;
-        let alg = jwt::parse_alg(&header.alg)
+        let alg = header
+            .algorithm()
             .filter(|a| self.algorithms.contains(a))
             .ok_or(reject(RejectReason::Algorithm, "algorithm not allowed"))?;
-        if header.names_own_key() {
-            return Err(reject(
-                RejectReason::Malformed,
-                "token header names its own key",
-            ));
-        }
-        if header.crit.is_some() {
-            return Err(reject(
-                RejectReason::Malformed,
-                "unsupported critical header",
-            ));
-        }
-        if !jwt::typ_accepted(header.typ.as_deref()) {
-            return Err(reject(RejectReason::Malformed, "token type not accepted"));
-        }
+        header.check().map_err(malformed)?;
         let claims = jwt::parse_claims(segments.payload).map_err(malformed)?;
         jwt::decode_segment(segments.signature).map_err(malformed)?;
         let key = self.key_for(header.kid.as_deref(), alg).await?;
