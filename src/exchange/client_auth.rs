@@ -4,8 +4,9 @@
 //!   where id and secret are each application/x-www-form-urlencoded first (Appendix B), so a
 //!   `:` or `%` in either survives ([`basic_authorization`], shared with introspection).
 //! - `client_secret_post` (RFC 6749 §2.3.1): `client_id` and `client_secret` in the form.
-//! - `private_key_jwt` (RFC 7523 §2.2 and §3, OIDC Core §9): a fresh JWT signed with the PEM
-//!   key in `private_key_file` (RSA → RS256, P-256 → ES256, P-384 → ES384), with
+//! - `private_key_jwt` (RFC 7523 §2.2 and §3, OIDC Core §9): a fresh JWT signed by
+//!   jsonwebtoken with the PEM key in `private_key_file` (RSA → RS256, P-256 → ES256,
+//!   P-384 → ES384), with
 //!   `iss` = `sub` = client id, `aud` = the token endpoint, a random `jti`, `iat` and
 //!   `exp` = `iat` + [`ASSERTION_LIFETIME`]; `kid` from `key_id`.
 //! - `client_assertion_file` (RFC 7521 §4.2): a ready-made assertion (e.g. a projected
@@ -22,14 +23,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{
     ECDSA_P256_SHA256_FIXED_SIGNING, ECDSA_P384_SHA384_FIXED_SIGNING, EcdsaKeyPair,
-    EcdsaSigningAlgorithm, RSA_PKCS1_SHA256, RsaKeyPair,
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::HeaderValue;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use url::Url;
@@ -245,74 +245,47 @@ impl KeyFile {
     }
 }
 
-/// A key that signs client assertions; the JWS `alg` follows from the key type.
-pub(crate) enum SigningKey {
-    /// RS256 (RFC 7518 §3.3).
-    Rsa(RsaKeyPair),
-    /// ES256 or ES384 (RFC 7518 §3.4), by curve.
-    Ec(EcdsaKeyPair, &'static str),
+/// A key that signs client assertions, and the JWS `alg` it signs with.
+pub(crate) struct SigningKey {
+    key: EncodingKey,
+    alg: Algorithm,
 }
 
-/// Elliptic curves accepted for assertions, with their JWS `alg`.
-const EC_ALGS: [(&EcdsaSigningAlgorithm, &str); 2] = [
-    (&ECDSA_P256_SHA256_FIXED_SIGNING, "ES256"),
-    (&ECDSA_P384_SHA384_FIXED_SIGNING, "ES384"),
-];
+/// The algorithms a key may sign assertions with, tried in this order: RS256 for an RSA key
+/// (RFC 7518 §3.3), ES256 or ES384 for an EC key on P-256 or P-384 (RFC 7518 §3.4).
+const ASSERTION_ALGS: [Algorithm; 3] = [Algorithm::RS256, Algorithm::ES256, Algorithm::ES384];
 
 impl SigningKey {
-    /// Parses an unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`, RSA or EC), PKCS#1
-    /// (`RSA PRIVATE KEY`) or SEC 1 (`EC PRIVATE KEY`).
+    /// Parses an unencrypted PEM private key: PKCS#8 (`PRIVATE KEY`, RSA or EC) or PKCS#1
+    /// (`RSA PRIVATE KEY`), read by jsonwebtoken, or SEC 1 (`EC PRIVATE KEY`, what
+    /// `openssl ecparam -genkey` writes), which jsonwebtoken does not read and which is turned
+    /// into PKCS#8 here ([`sec1_as_pkcs8`]). The key signs once now, so that a key that parses
+    /// but cannot sign fails at set-up rather than at the first exchange; the first of
+    /// [`ASSERTION_ALGS`] it signs with is its `alg`, since jsonwebtoken does not tell an EC
+    /// key's curve.
     pub(crate) fn from_pem(pem: &str, path: &Path) -> Result<Self, CredentialError> {
         let err = |why| CredentialError::Key {
             path: path.to_path_buf(),
             why,
         };
-        let (label, der) = pem_block(pem).ok_or_else(|| err("not a PEM private key"))?;
-        let ec = |parse: &dyn Fn(&'static EcdsaSigningAlgorithm) -> Option<EcdsaKeyPair>| {
-            EC_ALGS
-                .iter()
-                .find_map(|(alg, name)| parse(alg).map(|k| SigningKey::Ec(k, name)))
-        };
-        let key = match label.as_str() {
-            "PRIVATE KEY" => RsaKeyPair::from_pkcs8(&der)
-                .ok()
-                .map(SigningKey::Rsa)
-                .or_else(|| ec(&|alg| EcdsaKeyPair::from_pkcs8(alg, &der).ok())),
-            "RSA PRIVATE KEY" => RsaKeyPair::from_der(&der).ok().map(SigningKey::Rsa),
-            "EC PRIVATE KEY" => ec(&|alg| EcdsaKeyPair::from_private_key_der(alg, &der).ok()),
-            "ENCRYPTED PRIVATE KEY" => return Err(err("encrypted keys are not supported")),
-            _ => return Err(err("not a PEM private key")),
-        };
-        key.ok_or_else(|| err("not an RSA, P-256 or P-384 private key"))
-    }
-
-    /// The JWS `alg` this key signs with.
-    pub(crate) fn alg(&self) -> &'static str {
-        match self {
-            SigningKey::Rsa(_) => "RS256",
-            SigningKey::Ec(_, alg) => alg,
+        if is_encrypted(pem) {
+            return Err(err("encrypted keys are not supported"));
         }
-    }
-
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CredentialError> {
-        let rng = SystemRandom::new();
-        match self {
-            SigningKey::Rsa(key) => {
-                let mut sig = vec![0; key.public_modulus_len()];
-                key.sign(&RSA_PKCS1_SHA256, &rng, message, &mut sig)
-                    .map_err(|_| CredentialError::Sign)?;
-                Ok(sig)
-            }
-            SigningKey::Ec(key, _) => Ok(key
-                .sign(&rng, message)
-                .map_err(|_| CredentialError::Sign)?
-                .as_ref()
-                .to_vec()),
-        }
+        let key = EncodingKey::from_rsa_pem(pem.as_bytes())
+            .or_else(|_| EncodingKey::from_ec_pem(pem.as_bytes()))
+            .ok()
+            .or_else(|| sec1_as_pkcs8(pem).map(|der| EncodingKey::from_ec_der(&der)))
+            .ok_or_else(|| err("not a PEM private key"))?;
+        let alg = ASSERTION_ALGS
+            .into_iter()
+            .find(|alg| jsonwebtoken::crypto::sign(b"", &key, *alg).is_ok())
+            .ok_or_else(|| err("not an RSA, P-256 or P-384 private key"))?;
+        Ok(Self { key, alg })
     }
 
     /// A client assertion (RFC 7523 §3): `iss` = `sub` = `client_id`, `aud` = `audience`,
-    /// random `jti`, `iat` = now, `exp` = now + [`ASSERTION_LIFETIME`].
+    /// random `jti`, `iat` = now, `exp` = now + [`ASSERTION_LIFETIME`]; `typ` is `JWT` and
+    /// `kid` is `key_id`.
     pub(crate) fn sign_assertion(
         &self,
         client_id: &str,
@@ -320,13 +293,6 @@ impl SigningKey {
         key_id: Option<&str>,
         now: SystemTime,
     ) -> Result<SecretString, CredentialError> {
-        #[derive(Serialize)]
-        struct Header<'a> {
-            alg: &'a str,
-            typ: &'a str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            kid: Option<&'a str>,
-        }
         #[derive(Serialize)]
         struct Claims<'a> {
             iss: &'a str,
@@ -339,11 +305,8 @@ impl SigningKey {
         let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let mut jti = [0u8; JTI_BYTES];
         aws_lc_rs::rand::fill(&mut jti).map_err(|_| CredentialError::Sign)?;
-        let header = Header {
-            alg: self.alg(),
-            typ: "JWT",
-            kid: key_id,
-        };
+        let mut header = Header::new(self.alg);
+        header.kid = key_id.map(str::to_owned);
         let claims = Claims {
             iss: client_id,
             sub: client_id,
@@ -352,45 +315,46 @@ impl SigningKey {
             iat,
             exp: iat + ASSERTION_LIFETIME.as_secs(),
         };
-        let mut jws = format!("{}.{}", b64_json(&header)?, b64_json(&claims)?);
-        let sig = self.sign(jws.as_bytes())?;
-        jws.push('.');
-        jws.push_str(&URL_SAFE_NO_PAD.encode(sig));
-        Ok(SecretString::from(jws))
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map(SecretString::from)
+            .map_err(|_| CredentialError::Sign)
     }
 }
 
-/// base64url(JSON(value)), as a JWS header or payload (RFC 7515 §7.1).
-fn b64_json<T: Serialize>(value: &T) -> Result<String, CredentialError> {
-    let json = serde_json::to_vec(value).map_err(|_| CredentialError::Sign)?;
-    Ok(URL_SAFE_NO_PAD.encode(json))
+/// True for an encrypted PEM key: PKCS#8 `ENCRYPTED PRIVATE KEY` (RFC 5958 §3), or a legacy
+/// key with an RFC 1421 `Proc-Type: 4,ENCRYPTED` header.
+fn is_encrypted(pem: &str) -> bool {
+    pem.lines().map(str::trim).any(|line| {
+        line == "-----BEGIN ENCRYPTED PRIVATE KEY-----"
+            || line.starts_with("Proc-Type: 4,ENCRYPTED")
+    })
 }
 
-/// The label and DER content of the first PEM block (RFC 7468).
-fn pem_block(pem: &str) -> Option<(String, Vec<u8>)> {
-    let mut lines = pem.lines().map(str::trim);
-    let label = lines
-        .find_map(|l| l.strip_prefix("-----BEGIN ")?.strip_suffix("-----"))?
-        .to_owned();
-    let end = format!("-----END {label}-----");
-    let mut b64 = String::new();
-    for line in lines.by_ref() {
-        if line == end {
-            return STANDARD.decode(b64).ok().map(|der| (label, der));
-        }
-        if line.contains(':') {
-            // RFC 1421 headers (Proc-Type: 4,ENCRYPTED ...): an encrypted legacy key.
-            return Some(("ENCRYPTED PRIVATE KEY".to_owned(), Vec::new()));
-        }
-        b64.push_str(line);
-    }
-    None
+/// The first SEC 1 `EC PRIVATE KEY` block of `pem` (RFC 5915; RFC 7468 §2 for the text), on
+/// P-256 or P-384, as PKCS#8 DER.
+fn sec1_as_pkcs8(pem: &str) -> Option<Vec<u8>> {
+    let (_, rest) = pem.split_once("-----BEGIN EC PRIVATE KEY-----")?;
+    let (body, _) = rest.split_once("-----END EC PRIVATE KEY-----")?;
+    let der = STANDARD
+        .decode(body.split_whitespace().collect::<String>())
+        .ok()?;
+    [
+        &ECDSA_P256_SHA256_FIXED_SIGNING,
+        &ECDSA_P384_SHA384_FIXED_SIGNING,
+    ]
+    .into_iter()
+    .find_map(|alg| {
+        let pair = EcdsaKeyPair::from_private_key_der(alg, &der).ok()?;
+        pair.to_pkcs8v1().ok()
+    })
+    .map(|pkcs8| pkcs8.as_ref().to_vec())
 }
 
 #[cfg(test)]
 mod tests {
     use aws_lc_rs::encoding::AsDer;
-    use aws_lc_rs::signature::{self, KeyPair};
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{self, EcdsaSigningAlgorithm, KeyPair};
 
     use super::*;
 
@@ -405,6 +369,13 @@ mod tests {
             "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
             body.join("\n")
         )
+    }
+
+    /// A fresh EC key pair on the curve of `alg`, and its PKCS#8 form.
+    fn ec_pair(alg: &'static EcdsaSigningAlgorithm) -> (EcdsaKeyPair, Vec<u8>) {
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new()).expect("key");
+        let pair = EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref()).expect("key");
+        (pair, pkcs8.as_ref().to_vec())
     }
 
     fn verify(
@@ -428,14 +399,10 @@ mod tests {
 
     #[test]
     fn ec_assertions_are_es256_with_the_rfc7523_claims() {
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-                .expect("key");
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
-            .expect("key");
+        let (pair, pkcs8) = ec_pair(&ECDSA_P256_SHA256_FIXED_SIGNING);
         let key = SigningKey::from_pem(&pem("PRIVATE KEY", pkcs8.as_ref()), Path::new("k.pem"))
             .expect("parse");
-        assert_eq!(key.alg(), "ES256");
+        assert_eq!(key.alg, Algorithm::ES256);
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let jws = key
             .sign_assertion("txp", "https://idp/token", Some("k1"), now)
@@ -446,6 +413,7 @@ mod tests {
             pair.public_key().as_ref(),
         );
         assert_eq!(c["header"]["alg"], "ES256");
+        assert_eq!(c["header"]["typ"], "JWT");
         assert_eq!(c["header"]["kid"], "k1");
         assert_eq!(c["iss"], "txp");
         assert_eq!(c["sub"], "txp");
@@ -472,15 +440,11 @@ mod tests {
 
     #[test]
     fn sec1_ec_keys_and_p384_are_accepted() {
-        let pkcs8 =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &SystemRandom::new())
-                .expect("key");
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8.as_ref())
-            .expect("key");
+        let (pair, _) = ec_pair(&ECDSA_P384_SHA384_FIXED_SIGNING);
         let sec1 = pair.private_key().as_der().expect("sec1");
         let key = SigningKey::from_pem(&pem("EC PRIVATE KEY", sec1.as_ref()), Path::new("k.pem"))
             .expect("parse");
-        assert_eq!(key.alg(), "ES384");
+        assert_eq!(key.alg, Algorithm::ES384);
         let jws = key
             .sign_assertion("txp", "aud", None, SystemTime::now())
             .expect("sign");
@@ -493,12 +457,29 @@ mod tests {
     }
 
     #[test]
+    fn a_sec1_key_after_its_ec_parameters_block_is_read() {
+        let (pair, _) = ec_pair(&ECDSA_P256_SHA256_FIXED_SIGNING);
+        let sec1 = pair.private_key().as_der().expect("sec1");
+        // What `openssl ecparam -name prime256v1 -genkey` writes: the curve's OID, then the key.
+        let text = format!(
+            "{}{}",
+            pem(
+                "EC PARAMETERS",
+                &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]
+            ),
+            pem("EC PRIVATE KEY", sec1.as_ref())
+        );
+        let key = SigningKey::from_pem(&text, Path::new("k.pem")).expect("parse");
+        assert_eq!(key.alg, Algorithm::ES256);
+    }
+
+    #[test]
     fn rsa_keys_sign_rs256() {
         let pair = signature::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("rsa");
         let pkcs8 = pair.as_der().expect("pkcs8");
         let key = SigningKey::from_pem(&pem("PRIVATE KEY", pkcs8.as_ref()), Path::new("k.pem"))
             .expect("parse");
-        assert_eq!(key.alg(), "RS256");
+        assert_eq!(key.alg, Algorithm::RS256);
         let jws = key
             .sign_assertion("txp", "aud", None, SystemTime::now())
             .expect("sign");
@@ -596,15 +577,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("key.pem");
         let gen_key = || {
-            let pkcs8 = EcdsaKeyPair::generate_pkcs8(
-                &ECDSA_P256_SHA256_FIXED_SIGNING,
-                &SystemRandom::new(),
-            )
-            .expect("key");
-            let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
-                .expect("key");
+            let (pair, pkcs8) = ec_pair(&ECDSA_P256_SHA256_FIXED_SIGNING);
             (
-                pem("PRIVATE KEY", pkcs8.as_ref()),
+                pem("PRIVATE KEY", &pkcs8),
                 pair.public_key().as_ref().to_vec(),
             )
         };
