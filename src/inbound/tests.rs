@@ -126,16 +126,28 @@ async fn valid_rs256_and_es256_tokens_are_accepted() {
     assert!(v.validate(&mint(&es, &claims())).await.is_ok());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_token_seen_again_is_served_from_the_cache() {
     let v = validator();
     let token = mint(&rs256(), &claims());
-    v.validate(&token).await.expect("valid");
-    // Without any key, only the cache can still accept it.
-    v.keys
-        .refresh(async { Some((KeySet::default(), ())) })
-        .await;
-    assert!(v.validate(&token).await.is_ok());
+    let first = v.validate(&token).await.expect("valid");
+    assert!(
+        v.cache
+            .get(&cache::digest(&token), unix_now())
+            .await
+            .is_some(),
+        "the acceptance is remembered under the token's digest"
+    );
+    // A second validation a second later: a fresh one would be trusted a second longer; the
+    // remembered one is the same acceptance.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let again = v.validate(&token).await.expect("valid");
+    assert_eq!(again.trusted_until, first.trusted_until);
+    // Another token is validated afresh: its acceptance ends later.
+    let mut other = claims();
+    other["sub"] = json!("bob");
+    let other = v.validate(&mint(&rs256(), &other)).await.expect("valid");
+    assert!(other.trusted_until > first.trusted_until);
 }
 
 #[tokio::test]
@@ -205,12 +217,17 @@ async fn a_decision_from_an_older_key_epoch_is_not_served() {
     v.forget_decisions();
     // As if a validation that began before the withdrawal finished after it.
     v.cache
-        .insert(cache::digest(&token), Ok(old), Duration::from_secs(60))
+        .insert(
+            cache::digest(&token),
+            Ok(old.clone()),
+            Duration::from_secs(60),
+        )
         .await;
-    v.keys
-        .refresh(async { Some((KeySet::default(), ())) })
-        .await;
-    assert_eq!(reason(v.validate(&token).await).0, RejectReason::UnknownKey);
+    // Validated again rather than served: the acceptance is of the current epoch.
+    let again = v.validate(&token).await.expect("still valid");
+    assert_eq!(old.key_epoch, 0);
+    assert_eq!(again.key_epoch, v.key_epoch());
+    assert_ne!(again.key_epoch, old.key_epoch);
 }
 
 /// A validator as exchange mode builds it (accepted JWTs not remembered), with the RSA key.
@@ -295,9 +312,17 @@ async fn wrong_audience_is_remembered() {
     c["aud"] = json!("someone-else");
     let token = mint(&rs256(), &c);
     assert_eq!(reason(v.validate(&token).await).0, RejectReason::Audience);
-    v.keys
-        .refresh(async { Some((KeySet::default(), ())) })
-        .await;
+    let remembered = v.cache.get(&cache::digest(&token), unix_now()).await;
+    assert!(
+        matches!(
+            remembered,
+            Some(Err(InboundError::Rejected {
+                reason: RejectReason::Audience,
+                ..
+            }))
+        ),
+        "{remembered:?}"
+    );
     assert_eq!(
         reason(v.validate(&token).await).0,
         RejectReason::Audience,
