@@ -196,3 +196,68 @@ async fn through_the_proxy_an_idp_outage_is_ridden_out_with_the_stale_token() {
     assert_eq!(resp.status(), 503, "never past the token's own end");
     assert!(resp.headers().contains_key("retry-after"));
 }
+
+/// Reads `resp` to its end: the complete events (text up to each blank line) and what came
+/// after the last one, with the time the body ended.
+async fn read_stream(mut resp: reqwest::Response) -> (Vec<String>, String, Instant) {
+    let mut text = String::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let ended = Instant::now();
+    let mut events: Vec<String> = text.split("\n\n").map(str::to_owned).collect();
+    let rest = events.pop().unwrap_or_default();
+    (events, rest, ended)
+}
+
+#[tokio::test]
+async fn an_event_stream_ends_with_its_token_after_a_whole_event_and_a_post_is_not_cut() {
+    let backend = crate::support::echo().await;
+    // A one-second leeway, and a token that expires in two seconds.
+    let s = crate::support::signed(&backend.url(), "", ", leeway: 1s", "").await;
+    let exp = unix_now() + 2;
+    let token = s.token_with(|c| c["exp"] = serde_json::json!(exp));
+    // Both streams would last 5 s: 25 events, 200 ms apart.
+    let url = s.url("/sse?n=25&gap_ms=200");
+    let opened = Instant::now();
+    let get = crate::support::client()
+        .get(&url)
+        .bearer_auth(&token)
+        .send();
+    let post = crate::support::client()
+        .post(&url)
+        .bearer_auth(&token)
+        .send();
+    let (get, post) = tokio::join!(get, post);
+    let (get, post) = (get.expect("get"), post.expect("post"));
+    assert_eq!((get.status().as_u16(), post.status().as_u16()), (200, 200));
+    let ((get_events, get_rest, get_end), (post_events, post_rest, _)) =
+        tokio::join!(read_stream(get), read_stream(post));
+
+    // The GET ended within leeway + 1 s of exp, after a whole event.
+    let deadline = std::time::UNIX_EPOCH + Duration::from_secs(exp + 1 + 1);
+    let ended_at = std::time::SystemTime::now() - get_end.elapsed();
+    assert!(
+        ended_at <= deadline,
+        "the stream outlived exp + leeway + 1 s"
+    );
+    assert!(get_end.duration_since(opened) < Duration::from_secs(4));
+    assert!(
+        !get_events.is_empty() && get_events.len() < 25,
+        "{}",
+        get_events.len()
+    );
+    assert_eq!(get_rest, "", "the stream ended inside an event");
+    for e in &get_events {
+        assert!(e.starts_with("id: ") && e.contains("\ndata: "), "{e:?}");
+    }
+    // The POST got all of it.
+    assert_eq!(post_events.len(), 25);
+    assert_eq!(post_rest, "");
+    let ended = crate::support::metric(
+        s.proxy.admin_addr,
+        "txp_streams_ended_total{reason=\"token_expired\"}",
+    )
+    .await;
+    assert_eq!(ended, Some(1.0));
+}
