@@ -29,7 +29,13 @@ pub struct Cli {
 pub enum Command {
     /// Load and validate the configuration, print it (secrets are file paths, never values)
     /// and exit 0 when valid, 64 when not.
-    CheckConfig,
+    CheckConfig {
+        /// Also check what only the IdP can tell: fetch discovery and the JWKS, read every
+        /// secret, key and assertion file, and probe the token endpoint with the proxy's
+        /// credentials; exit 69 when any of it fails, one line per failed check.
+        #[arg(long)]
+        online: bool,
+    },
 }
 
 /// Options shared by running the proxy and `check-config`.
@@ -166,7 +172,10 @@ mod tests {
             "b",
         ])
         .expect("parses");
-        assert!(matches!(cli.command, Some(Command::CheckConfig)));
+        assert!(matches!(
+            cli.command,
+            Some(Command::CheckConfig { online: false })
+        ));
         assert_eq!(cli.options.config, Some(PathBuf::from("x.yaml")));
         assert_eq!(cli.options.audience, vec!["a", "b"]);
     }

@@ -177,6 +177,9 @@ pub struct ServerMetadata {
     pub token_endpoint: Option<Url>,
     #[serde(default)]
     pub introspection_endpoint: Option<Url>,
+    /// RFC 8414 §2: the grants the server supports, when it says.
+    #[serde(default)]
+    pub grant_types_supported: Option<Vec<String>>,
 }
 
 /// The discovery URLs to try for `issuer`, in order: OIDC (issuer + path), then RFC 8414 §3.1

@@ -18,6 +18,7 @@ pub mod inbound;
 pub mod logging;
 pub mod metadata;
 pub mod metrics;
+pub mod online;
 pub mod protection;
 pub mod proxy;
 pub mod readiness;

@@ -1,16 +1,44 @@
 //! `token-exchange-proxy`: parse arguments, load the config (exit 64 when invalid), run until
-//! SIGTERM/SIGINT, drain, exit 0.
+//! SIGTERM/SIGINT, drain, exit 0. `check-config` stops after the config (and, with
+//! `--online`, after the checks only the IdP can answer: exit 69 when one fails).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use token_exchange_proxy::cli::{Cli, Command, Options};
-use token_exchange_proxy::{config, logging, server, shutdown};
+use token_exchange_proxy::{config, logging, online, server, shutdown};
 
 /// Exit code for an invalid configuration (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code for a failure to start.
 const EXIT_START: u8 = 1;
+/// Exit code for a failed online check: a service the proxy needs is unavailable or refuses
+/// it (BSD `EX_UNAVAILABLE`).
+const EXIT_ONLINE: u8 = 69;
+
+/// `check-config --online`: one line per failed check on stderr; 0 when all pass, else 69.
+fn check_online(config: &config::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    let failures = runtime.block_on(online::check(config));
+    for f in &failures {
+        eprintln!("{f}");
+    }
+    if failures.is_empty() {
+        println!("# online checks passed");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_ONLINE)
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -24,19 +52,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Some(Command::CheckConfig) = cli.command {
+    if let Some(Command::CheckConfig { online }) = cli.command {
         match serde_yaml_ng::to_string(&config) {
-            Ok(text) => {
-                println!(
-                    "# configuration is valid (secrets are file paths; no value is shown)\n{text}"
-                );
-                return ExitCode::SUCCESS;
-            }
+            Ok(text) => println!(
+                "# configuration is valid (secrets are file paths; no value is shown)\n{text}"
+            ),
             Err(e) => {
                 eprintln!("cannot print the configuration: {e}");
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
+        return if online {
+            check_online(&config)
+        } else {
+            ExitCode::SUCCESS
+        };
     }
     logging::init(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -208,6 +208,8 @@ pub struct Metrics {
     pub stale_served: AtomicU64,
     /// Event streams the proxy ended, by reason.
     pub streams_ended: LabeledCounter<StreamEnd>,
+    /// Cache entries removed by `POST /cache/purge`.
+    pub cache_purged: AtomicU64,
     pub exchange_requests: LabeledCounter<ExchangeResult>,
     pub exchange_duration: Histogram,
     pub cache_hits: AtomicU64,
@@ -233,6 +235,7 @@ impl Default for Metrics {
             exchange_refreshes: LabeledCounter::default(),
             stale_served: AtomicU64::new(0),
             streams_ended: LabeledCounter::default(),
+            cache_purged: AtomicU64::new(0),
             exchange_requests: LabeledCounter::default(),
             exchange_duration: Histogram::default(),
             cache_hits: AtomicU64::new(0),
@@ -357,6 +360,11 @@ impl Metrics {
                 "txp_exchange_cache_coalesced_total",
                 "Requests that waited for another request's exchange of the same token.",
                 &self.cache_coalesced,
+            ),
+            (
+                "txp_cache_purged_total",
+                "Cache entries (exchanged tokens and validation decisions) removed by POST /cache/purge.",
+                &self.cache_purged,
             ),
             (
                 "txp_exchange_stale_served_total",

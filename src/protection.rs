@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, VerifyIssued};
 use crate::error::Responder;
 use crate::exchange::{Exchanger, TokenExchangeLayer};
 use crate::idp::{IdpClient, IdpError};
@@ -35,6 +35,55 @@ pub enum SetupError {
     /// built by hand.
     #[error("exchange mode needs the exchange settings")]
     ExchangeUnconfigured,
+}
+
+/// Longest issued token the proxy verifies: as for client tokens, far beyond any real one.
+const MAX_ISSUED_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The keys that verify issued tokens: the inbound validator's when the exchange issuer is the
+/// inbound one, else a validator of the exchange issuer's own (its discovery and JWKS, named
+/// `exchange/…` in `/readyz`, and waited for only with `verify_issued: always`).
+fn issued_keys(
+    config: &Config,
+    exchange: &crate::config::Exchange,
+    validator: &Arc<Validator>,
+    idp: &IdpClient,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+) -> Arc<Validator> {
+    if exchange.issuer == config.inbound.issuer {
+        return validator.clone();
+    }
+    let own = crate::config::Inbound {
+        issuer: exchange.issuer.clone(),
+        discovery_url: None,
+        jwks_uri: None,
+        audiences: exchange.audience.clone(),
+        algorithms: config.inbound.algorithms.clone(),
+        leeway: std::time::Duration::ZERO,
+        required_scopes: Vec::new(),
+        max_token_bytes: MAX_ISSUED_TOKEN_BYTES,
+        introspection: None,
+        public_paths: Vec::new(),
+        stream_lifetime: crate::config::StreamLifetime::Unlimited,
+    };
+    // Only `always` makes the proxy unready until these keys are loaded.
+    let waits_for = match exchange.verify_issued {
+        VerifyIssued::Always => readiness.clone(),
+        VerifyIssued::Auto | VerifyIssued::Never => Arc::new(Readiness::default()),
+    };
+    let keys = Arc::new(Validator::named(
+        &own,
+        idp.clone(),
+        metrics.clone(),
+        waits_for,
+        inbound::Timing::default(),
+        "exchange/",
+    ));
+    if exchange.verify_issued != VerifyIssued::Never {
+        keys.start();
+    }
+    keys
 }
 
 /// See the module documentation.
@@ -76,14 +125,30 @@ impl Protection {
                     .exchange
                     .as_ref()
                     .ok_or(SetupError::ExchangeUnconfigured)?;
-                let exchanger = Arc::new(Exchanger::new(
-                    exchange,
-                    &config.cache,
-                    idp,
-                    metrics.clone(),
-                    readiness.clone(),
-                )?);
+                let issued_keys =
+                    issued_keys(config, exchange, &validator, &idp, &metrics, &readiness);
+                let exchanger = Arc::new(
+                    Exchanger::new(
+                        exchange,
+                        &config.cache,
+                        idp,
+                        metrics.clone(),
+                        readiness.clone(),
+                    )?
+                    .verifying_issued_with(exchange, issued_keys),
+                );
                 exchanger.start();
+                // A token that introspection finds revoked takes its exchange with it.
+                let weak = Arc::downgrade(&exchanger);
+                validator.on_revoked(Arc::new(move |token: &str| {
+                    let (weak, token) = (weak.clone(), secrecy::SecretString::from(token));
+                    Box::pin(async move {
+                        use secrecy::ExposeSecret as _;
+                        if let Some(exchanger) = weak.upgrade() {
+                            exchanger.forget(token.expose_secret()).await;
+                        }
+                    })
+                }));
                 Forwarding::Exchange(exchanger)
             }
         };
@@ -121,6 +186,20 @@ impl Protection {
                 self.inbound.max_token_bytes,
             )
         })
+    }
+
+    /// Forgets every cached exchange and validation decision of client tokens whose `sub` is
+    /// `sub` (`None`: everything); returns how many entries went from both caches, and counts
+    /// them in `txp_cache_purged_total` (README "Admin endpoints").
+    pub async fn purge(&self, sub: Option<&str>) -> u64 {
+        let mut purged = self.validator.purge(sub).await;
+        if let Some(exchanger) = self.exchanger() {
+            purged += exchanger.purge(sub).await;
+        }
+        self.metrics
+            .cache_purged
+            .fetch_add(purged, std::sync::atomic::Ordering::Relaxed);
+        purged
     }
 
     /// The exchanger, in exchange mode.

@@ -7,18 +7,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Shared readiness state. Components register what they still wait for and clear it when done.
 #[derive(Debug, Default)]
 pub struct Readiness {
-    pending: Mutex<BTreeSet<&'static str>>,
+    pending: Mutex<BTreeSet<String>>,
     draining: AtomicBool,
 }
 
 impl Readiness {
-    /// Marks `what` (e.g. `"jwks"`) as not loaded yet.
-    pub fn pending(&self, what: &'static str) {
-        self.lock().insert(what);
+    /// Marks `what` (e.g. `"jwks"`, or `"corp/jwks"` for a profile's) as not loaded yet.
+    pub fn pending(&self, what: impl Into<String>) {
+        self.lock().insert(what.into());
     }
 
     /// Marks `what` as loaded.
-    pub fn done(&self, what: &'static str) {
+    pub fn done(&self, what: &str) {
         self.lock().remove(what);
     }
 
@@ -43,12 +43,16 @@ impl Readiness {
         } else {
             Err(format!(
                 "pending: {}",
-                pending.iter().copied().collect::<Vec<_>>().join(", ")
+                pending
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<&'static str>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -110,6 +110,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             metrics: metrics.clone(),
             readiness: readiness.clone(),
             before_render,
+            purge: Some({
+                let protection = protection.clone();
+                Arc::new(move |sub: Option<String>| {
+                    let protection = protection.clone();
+                    Box::pin(async move { protection.purge(sub.as_deref()).await })
+                        as futures_util::future::BoxFuture<'static, u64>
+                }) as admin::Purge
+            }),
         },
     ));
 

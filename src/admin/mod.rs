@@ -1,5 +1,6 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Never needs a token and never
-//! forwards anything; bind it where only the kubelet and the metrics scraper reach it.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, and `POST /cache/purge`. Never
+//! needs a token and never forwards anything; bind it where only the kubelet, the metrics
+//! scraper and the operators reach it (README "Admin endpoints").
 //!
 //! Probes and scrapers speak HTTP/1.1, so that is all it speaks (a connection opening with
 //! the HTTP/2 preface is closed unanswered), and it gives a client little to hold: each request
@@ -29,8 +30,15 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A larger one is answered 431 and the connection closed.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
+/// Largest `POST /cache/purge` body: `{"sub": …}` with a long subject fits many times over.
+pub const MAX_PURGE_BODY: usize = 4096;
+
 /// Refreshes gauges that are read from elsewhere (the cache size) before `/metrics` renders.
 pub type BeforeRender = Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Forgets the cached entries of one `sub` (`None`: all); yields how many went.
+pub type Purge =
+    Arc<dyn Fn(Option<String>) -> futures_util::future::BoxFuture<'static, u64> + Send + Sync>;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -38,6 +46,17 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,
     pub before_render: Option<BeforeRender>,
+    pub purge: Option<Purge>,
+}
+
+/// The body of `POST /cache/purge`: exactly one of the two forms.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+enum PurgeRequest {
+    /// `{"sub": "<sub>"}`: every entry of that client.
+    Sub { sub: String },
+    /// `{"all": true}`: everything.
+    All { all: bool },
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
@@ -55,7 +74,7 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, &req).await) }
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -67,7 +86,10 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
     }
 }
 
-async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/cache/purge" {
+        return purge(state, req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
@@ -93,6 +115,49 @@ async fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<By
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `POST /cache/purge`: `{"sub": "<sub>"}` or `{"all": true}`; answers `{"purged": N}`.
+async fn purge(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let Some(run) = &state.purge else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let body = http_body_util::Limited::new(req.into_body(), MAX_PURGE_BODY)
+        .collect()
+        .await
+        .map(|b| b.to_bytes());
+    let request = body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PurgeRequest>(&b).ok());
+    let sub = match request {
+        Some(PurgeRequest::Sub { sub }) if !sub.is_empty() => Some(sub),
+        Some(PurgeRequest::All { all: true }) => None,
+        _ => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({
+                    "error": "invalid_request",
+                    "error_description": "expected {\"sub\": \"<sub>\"} or {\"all\": true}",
+                }),
+            );
+        }
+    };
+    let purged = run(sub).await;
+    json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
@@ -126,6 +191,7 @@ mod tests {
                 metrics: Arc::default(),
                 readiness: Arc::default(),
                 before_render: None,
+                purge: None,
             },
         ));
         addr

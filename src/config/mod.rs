@@ -211,6 +211,20 @@ pub struct Exchange {
     /// How long a refusal of a subject token is remembered (zero: not at all).
     #[serde(serialize_with = "ser_duration")]
     pub negative_ttl: Duration,
+    /// Whether the issued token is verified before it is used.
+    pub verify_issued: VerifyIssued,
+}
+
+/// `exchange.verify_issued`: whether the token the IdP issued is verified before use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyIssued {
+    /// When it is a JWT and the exchange issuer's keys are known.
+    Auto,
+    /// Always: an opaque token, or one that cannot be verified (yet), is refused.
+    Always,
+    /// Never: the IdP's answer is trusted as it is.
+    Never,
 }
 
 /// `idp_tls.*`
@@ -671,6 +685,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 e.negative_ttl.as_deref(),
                 DEFAULT_NEGATIVE_TTL,
             );
+            let verify_issued = match e.verify_issued.as_deref() {
+                None | Some("auto") => VerifyIssued::Auto,
+                Some("always") => VerifyIssued::Always,
+                Some("never") => VerifyIssued::Never,
+                Some(_) => {
+                    c.problem("exchange.verify_issued", "must be auto, always or never");
+                    VerifyIssued::Auto
+                }
+            };
             for r in e.resource.iter().flatten() {
                 // RFC 8707 §2: an absolute URI without a fragment.
                 match Url::parse(r) {
@@ -701,6 +724,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 timeout,
                 max_concurrent,
                 negative_ttl,
+                verify_issued,
             })
         }
     };

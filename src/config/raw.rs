@@ -94,6 +94,7 @@ pub struct RawExchange {
     pub timeout: Option<String>,
     pub max_concurrent: Option<usize>,
     pub negative_ttl: Option<String>,
+    pub verify_issued: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

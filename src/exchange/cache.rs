@@ -385,6 +385,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_concurrent: 64,
             negative_ttl: Duration::from_secs(10),
+            verify_issued: crate::config::VerifyIssued::Auto,
         }
     }
 

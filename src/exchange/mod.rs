@@ -40,15 +40,17 @@ mod store;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 use tokio::time::Instant;
 use url::Url;
 
+use crate::config::VerifyIssued;
 use crate::config::{Cache, Exchange};
 use crate::idp::{self, IdpClient, IdpError};
-use crate::inbound::Principal;
+use crate::inbound::claims::Claims;
+use crate::inbound::{Principal, Unverified, Validator};
 use crate::metrics::{ExchangeResult, Metrics, RefreshResult};
 use crate::readiness::Readiness;
 
@@ -65,6 +67,13 @@ use store::{Refusals, Store};
 
 /// The `/readyz` item pending until the token endpoint is known.
 pub const READINESS_ITEM: &str = "token_endpoint";
+/// The `/readyz` item while the token endpoint refuses the proxy's own client.
+pub const CREDENTIALS_REJECTED: &str = "token_endpoint: credentials rejected";
+/// The subject token of the credentials probe: no IdP can accept it, so the answer says
+/// only whether the IdP accepts the proxy's own client (`.invalid` is reserved, RFC 2606).
+pub const PROBE_SUBJECT: &str = "token-exchange-proxy-probe.invalid";
+/// Longest wait between two credentials probes while the IdP refuses the proxy's client.
+pub const PROBE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// First wait before retrying a failed discovery of the token endpoint.
 pub const DISCOVERY_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between discovery attempts: an IdP that comes up is noticed within this.
@@ -137,6 +146,24 @@ pub enum ExchangeError {
     InvalidResponse,
 }
 
+/// What the credentials probe found wrong ([`Exchanger::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    /// The IdP refused the proxy's own client: it cannot exchange (`invalid_client`,
+    /// `unauthorized_client`, `unsupported_grant_type`, or HTTP 401).
+    #[error("credentials rejected ({0})")]
+    CredentialsRejected(String),
+    /// No answer that says anything: unreachable, timing out, or failing (5xx, 429).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The token endpoint is not configured and discovery does not name it.
+    #[error("not known: {0}")]
+    Unknown(String),
+    /// A credential file of `exchange.client_auth` cannot be used.
+    #[error("{0}")]
+    Credentials(String),
+}
+
 /// Why the exchanger could not be set up (a start-up failure).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -151,8 +178,11 @@ pub struct ExchangerOptions {
     /// Circuit breaker thresholds; default [`breaker::DEFAULT_FAILURE_THRESHOLD`] failures,
     /// [`breaker::DEFAULT_COOL_DOWN`].
     pub breaker: BreakerSettings,
-    /// First wait before retrying discovery; doubles up to [`DISCOVERY_RETRY_MAX`].
+    /// First wait before retrying discovery (and the credentials probe); doubles up to
+    /// [`DISCOVERY_RETRY_MAX`].
     pub discovery_retry: Duration,
+    /// Whether [`Exchanger::start`] probes the token endpoint with the proxy's credentials.
+    pub probe: bool,
 }
 
 impl Default for ExchangerOptions {
@@ -160,6 +190,7 @@ impl Default for ExchangerOptions {
         Self {
             breaker: BreakerSettings::default(),
             discovery_retry: DISCOVERY_RETRY_MIN,
+            probe: true,
         }
     }
 }
@@ -184,6 +215,8 @@ pub struct Exchanger {
     expiry_margin: Duration,
     refresh_ahead: Duration,
     stale_if_error: bool,
+    /// `None` with `exchange.verify_issued: never` (or no keys given).
+    issued: Option<IssuedCheck>,
     breaker: Breaker,
     options: ExchangerOptions,
     idp: IdpClient,
@@ -255,6 +288,7 @@ impl Exchanger {
             expiry_margin: cache.expiry_margin,
             refresh_ahead: cache.refresh_ahead,
             stale_if_error: cache.stale_if_error,
+            issued: None,
             breaker: Breaker::new(options.breaker),
             options,
             idp,
@@ -267,12 +301,85 @@ impl Exchanger {
     /// retried with exponential backoff until it succeeds; it ends when the exchanger is
     /// dropped.
     pub fn start(self: &Arc<Self>) {
+        if self.options.probe {
+            tokio::spawn(probe_until_accepted(
+                Arc::downgrade(self),
+                self.options.discovery_retry,
+            ));
+        }
         if self.endpoint.get().is_some() {
             return;
         }
         let weak = Arc::downgrade(self);
         let first = self.options.discovery_retry;
         tokio::spawn(discover_until_known(weak, first));
+    }
+
+    /// Sends one token exchange with a subject token no IdP can accept ([`PROBE_SUBJECT`]):
+    /// the answer tells whether the IdP accepts the proxy's own client. Refused subject
+    /// (`invalid_grant`, `invalid_request`, …): the credentials are fine. Nothing is cached,
+    /// counted or fed to the circuit breaker (README "Start-up and online checks").
+    pub async fn probe(&self) -> Result<(), ProbeError> {
+        let endpoint = match self.endpoint.get() {
+            Some(url) => url.clone(),
+            None => idp::discover(&self.idp, &self.issuer, None)
+                .await
+                .map_err(|e| ProbeError::Unknown(format!("{e}")))?
+                .token_endpoint
+                .ok_or_else(|| {
+                    ProbeError::Unknown("the discovery document names no token_endpoint".into())
+                })?,
+        };
+        let credentials = self
+            .auth
+            .credentials(&endpoint)
+            .await
+            .map_err(|e| ProbeError::Credentials(e.to_string()))?;
+        let body = self.form.body(PROBE_SUBJECT, &credentials.params);
+        let answer = request::post(
+            self.idp.http(),
+            &endpoint,
+            body,
+            credentials.authorization,
+            self.timeout,
+        )
+        .await
+        .map_err(|e| ProbeError::Unavailable(format!("{e}: {}", causes(&e))))?;
+        let code = answer
+            .body
+            .as_deref()
+            .and_then(response::error_code)
+            .map(|c| response::sanitize_code(&c));
+        let status = answer.status;
+        if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS {
+            return Err(ProbeError::Unavailable(format!("HTTP {}", status.as_u16())));
+        }
+        match code.as_deref() {
+            Some(c @ ("invalid_client" | "unauthorized_client" | "unsupported_grant_type")) => {
+                Err(ProbeError::CredentialsRejected(c.to_owned()))
+            }
+            _ if status == http::StatusCode::UNAUTHORIZED => Err(ProbeError::CredentialsRejected(
+                code.unwrap_or_else(|| "HTTP 401".into()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Verifies every issued token with `keys`, the exchange issuer's, as
+    /// `config.verify_issued` asks (nothing with `never`).
+    pub fn verifying_issued_with(mut self, config: &Exchange, keys: Arc<Validator>) -> Self {
+        self.issued = (config.verify_issued != VerifyIssued::Never).then(|| IssuedCheck {
+            mode: config.verify_issued,
+            keys,
+            issuer: config.issuer.clone(),
+            audiences: config
+                .audience
+                .iter()
+                .chain(&config.resource)
+                .cloned()
+                .collect(),
+        });
+        self
     }
 
     /// The token endpoint, once known.
@@ -446,6 +553,17 @@ impl Exchanger {
         });
     }
 
+    /// Forgets the cached exchanges of client tokens whose `sub` is `sub` (`None`: all of
+    /// them); returns how many were removed (README "Admin endpoints").
+    pub async fn purge(&self, sub: Option<&str>) -> u64 {
+        self.cache.purge(sub).await
+    }
+
+    /// Forgets the cached exchange of `subject` (a client token found revoked).
+    pub async fn forget(&self, subject: &str) {
+        self.cache.forget(&self.key(subject)).await;
+    }
+
     /// Entries currently cached, as of the last [`Exchanger::sync`] (the cache applies
     /// evictions and expiries in batches).
     pub fn entry_count(&self) -> u64 {
@@ -522,6 +640,10 @@ impl Exchanger {
 
         let (outcome, health) = self.judge(answer, principal);
         permit.record(health, Instant::now());
+        let outcome = match outcome {
+            Ok(entry) => self.check_issued(entry).await,
+            failed => failed,
+        };
         self.metrics.exchange_requests.inc(match &outcome {
             Ok(_) => ExchangeResult::Success,
             Err(ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. }) => {
@@ -532,6 +654,42 @@ impl Exchanger {
             Err(ExchangeError::InvalidResponse) => ExchangeResult::InvalidResponse,
         });
         outcome
+    }
+
+    /// The issued token, verified as `exchange.verify_issued` asks (README "Caches, refreshes
+    /// and the IdP circuit"): signed by a key of the exchange issuer's JWKS, `exp` in the
+    /// future (no leeway: it is fresh from the IdP), `iss` the exchange issuer, and `aud`
+    /// naming every configured `exchange.audience` and `exchange.resource`. A token that fails
+    /// is an unusable answer (502), never cached.
+    async fn check_issued(&self, entry: CachedToken) -> Result<CachedToken, ExchangeError> {
+        let Some(check) = &self.issued else {
+            return Ok(entry);
+        };
+        let token = entry
+            .authorization
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let failure = match check.keys.verify_signed(token).await {
+            Ok(claims) => check.judge(&claims, SystemTime::now()).err(),
+            Err(Unverified::NotJwt | Unverified::NoKeys) if check.mode == VerifyIssued::Auto => {
+                None
+            }
+            Err(Unverified::NotJwt) => Some("not a JWT"),
+            Err(Unverified::NoKeys) => Some("the exchange issuer's keys are not loaded"),
+            Err(Unverified::Invalid(why)) => Some(why),
+        };
+        match failure {
+            None => Ok(entry),
+            Some(why) => {
+                tracing::warn!(
+                    reason = why,
+                    "token exchange: the issued token failed verification"
+                );
+                Err(ExchangeError::InvalidResponse)
+            }
+        }
     }
 
     /// Turns the IdP's answer into a cache entry or an error, logging why, with what it told
@@ -643,6 +801,43 @@ impl Exchanger {
     }
 }
 
+/// What an issued token must be (`exchange.verify_issued`), and the keys to check it with.
+#[derive(Debug)]
+struct IssuedCheck {
+    mode: VerifyIssued,
+    /// The exchange issuer's keys: the inbound validator's when it is the same issuer.
+    keys: Arc<Validator>,
+    issuer: String,
+    /// Every `exchange.audience` and `exchange.resource` value: each must be in `aud`.
+    audiences: Vec<String>,
+}
+
+impl IssuedCheck {
+    /// The claims rules of [`Exchanger::check_issued`].
+    fn judge(&self, claims: &Claims, now: SystemTime) -> Result<(), &'static str> {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        match claims.exp {
+            None => return Err("no exp"),
+            Some(exp) if exp.0 <= now => return Err("expired"),
+            Some(_) => {}
+        }
+        if claims.iss.as_deref() != Some(self.issuer.as_str()) {
+            return Err("wrong issuer");
+        }
+        let aud: Vec<&str> = claims.aud.iter().flat_map(|a| a.iter()).collect();
+        if !self
+            .audiences
+            .iter()
+            .all(|want| aud.contains(&want.as_str()))
+        {
+            return Err("wrong audience");
+        }
+        Ok(())
+    }
+}
+
 /// Counts one call to the token endpoint in `txp_exchange_inflight` while it lives.
 struct Inflight<'a>(&'a Metrics);
 
@@ -674,6 +869,54 @@ fn causes(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Probes the token endpoint with the proxy's credentials once it is known, until the IdP
+/// accepts them: while it refuses them, `/readyz` reports [`CREDENTIALS_REJECTED`] and the
+/// probe is repeated, the wait doubling from `first_wait` to [`PROBE_RETRY_MAX`]. Ends when
+/// the exchanger is dropped.
+async fn probe_until_accepted(exchanger: Weak<Exchanger>, first_wait: Duration) {
+    let mut wait = first_wait;
+    let mut refused = false;
+    loop {
+        let Some(this) = exchanger.upgrade() else {
+            return;
+        };
+        if this.endpoint.get().is_some() {
+            match this.probe().await {
+                Ok(()) => {
+                    if refused {
+                        this.readiness.done(CREDENTIALS_REJECTED);
+                        tracing::info!(
+                            "token endpoint: the proxy's client credentials are accepted now"
+                        );
+                    }
+                    return;
+                }
+                Err(ProbeError::CredentialsRejected(code)) => {
+                    tracing::error!(
+                        code = %code,
+                        retry_in_ms = wait.as_millis() as u64,
+                        "token endpoint: the IdP rejects the proxy's client credentials; no token can be exchanged"
+                    );
+                    refused = true;
+                    this.readiness.pending(CREDENTIALS_REJECTED);
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "token endpoint: the credentials probe got no answer"
+                ),
+            }
+            drop(this);
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(PROBE_RETRY_MAX);
+        } else {
+            // Discovery has not named it yet.
+            drop(this);
+            tokio::time::sleep(first_wait.min(Duration::from_millis(200))).await;
+        }
+    }
+}
+
 /// Discovers the token endpoint of the exchanger's issuer, retrying with exponential backoff;
 /// stops when it is known or the exchanger is gone.
 async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) {
@@ -685,6 +928,17 @@ async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) 
         let found = idp::discover(&this.idp, &this.issuer, None)
             .await
             .and_then(|meta| {
+                if meta
+                    .grant_types_supported
+                    .as_ref()
+                    .is_some_and(|g| !g.iter().any(|g| g == request::TOKEN_EXCHANGE_GRANT_TYPE))
+                {
+                    tracing::warn!(
+                        issuer = %this.issuer,
+                        grant = request::TOKEN_EXCHANGE_GRANT_TYPE,
+                        "the issuer's metadata does not list the token exchange grant in grant_types_supported"
+                    );
+                }
                 meta.token_endpoint.ok_or(IdpError::Invalid(
                     "the discovery document names no token_endpoint",
                 ))

@@ -151,6 +151,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_concurrent: 64,
             negative_ttl: Duration::from_secs(10),
+            verify_issued: crate::config::VerifyIssued::Auto,
         };
         let form = FormTemplate::new(&config);
         let body = form.body(
@@ -196,6 +197,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             max_concurrent: 64,
             negative_ttl: Duration::from_secs(10),
+            verify_issued: crate::config::VerifyIssued::Auto,
         };
         let body = FormTemplate::new(&config).body("t", &[]);
         let keys: Vec<String> = pairs(&body).into_iter().map(|(k, _)| k).collect();

@@ -179,6 +179,29 @@ impl Store {
         self.flights.try_get_with(key, exchange).await
     }
 
+    /// Removes the entries whose client token's `sub` is `sub` (`None`: every entry); returns
+    /// how many were removed.
+    pub(crate) async fn purge(&self, sub: Option<&str>) -> u64 {
+        let doomed: Vec<CacheKey> = self
+            .inner
+            .iter()
+            .filter(|(_, e)| sub.is_none_or(|s| e.sub.as_deref() == Some(s)))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut purged = 0;
+        for key in doomed {
+            if self.inner.remove(&key).await.is_some() {
+                purged += 1;
+            }
+        }
+        purged
+    }
+
+    /// Removes the entry for `key`.
+    pub(crate) async fn forget(&self, key: &CacheKey) {
+        self.inner.invalidate(key).await;
+    }
+
     /// Entries kept (moka's count: up to date after [`Store::sync`]).
     pub(crate) fn len(&self) -> u64 {
         self.inner.entry_count()

@@ -21,6 +21,7 @@ fn exchange_config(token_endpoint: Option<Url>, client_auth: ClientAuth) -> Exch
         timeout: Duration::from_secs(2),
         max_concurrent: 64,
         negative_ttl: Duration::from_secs(10),
+        verify_issued: crate::config::VerifyIssued::Auto,
     }
 }
 

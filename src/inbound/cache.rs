@@ -134,6 +134,33 @@ impl DecisionCache {
         self.inner.invalidate_all();
     }
 
+    /// Forgets the acceptances of tokens whose `sub` is `sub` (`None`: every decision);
+    /// returns how many decisions were removed.
+    pub async fn purge(&self, sub: Option<&str>) -> u64 {
+        let doomed: Vec<TokenDigest> = self
+            .inner
+            .iter()
+            .filter(|(_, entry)| match (sub, &entry.decision) {
+                (None, _) => true,
+                (Some(s), Ok(p)) => p.sub.as_deref() == Some(s),
+                (Some(_), Err(_)) => false,
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        let mut purged = 0;
+        for key in doomed {
+            if self.inner.remove(&key).await.is_some() {
+                purged += 1;
+            }
+        }
+        purged
+    }
+
+    /// Forgets the decision about the token whose digest is `key`.
+    pub async fn forget(&self, key: &TokenDigest) {
+        self.inner.invalidate(key).await;
+    }
+
     /// Applies pending evictions, so that [`DecisionCache::len`] is exact (tests).
     #[cfg(test)]
     pub async fn run_pending_tasks(&self) {

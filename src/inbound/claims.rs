@@ -39,7 +39,8 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn iter(&self) -> impl Iterator<Item = &str> {
+    /// Every value.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
         let (one, many) = match self {
             OneOrMany::One(s) => (Some(s.as_str()), &[][..]),
             OneOrMany::Many(v) => (None, v.as_slice()),

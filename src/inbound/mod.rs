@@ -127,6 +127,17 @@ pub fn acceptance_holds(
     made_in == epoch && until.is_some_and(|t| now < t)
 }
 
+/// Why a token issued by another party could not be verified ([`Validator::verify_signed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unverified {
+    /// Not a compact JWS: an opaque token, which only its issuer can read.
+    NotJwt,
+    /// The issuer's keys are not loaded (yet).
+    NoKeys,
+    /// A JWS that fails: malformed, an algorithm not allowed, an unknown key, a bad signature.
+    Invalid(&'static str),
+}
+
 /// Why a request's token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InboundError {
@@ -223,7 +234,17 @@ pub struct Validator {
     introspection: Option<Introspector>,
     /// Set to `true` once discovery has filled in what was not configured.
     discovered: tokio::sync::watch::Sender<bool>,
+    /// The `/readyz` items this validator waits for (`discovery`, `jwks`, prefixed with a
+    /// profile's name when there are several).
+    ready_discovery: String,
+    ready_jwks: String,
+    /// Told of tokens that introspection reports inactive.
+    revoked: std::sync::OnceLock<RevocationHook>,
 }
+
+/// What [`Validator::on_revoked`] calls with a revoked token.
+pub type RevocationHook =
+    Arc<dyn Fn(&str) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl std::fmt::Debug for Validator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -256,6 +277,19 @@ impl Validator {
         readiness: Arc<Readiness>,
         timing: Timing,
     ) -> Self {
+        Self::named(config, idp, metrics, readiness, timing, "")
+    }
+
+    /// [`Validator::with_timing`], its `/readyz` items named with `prefix` (`corp/`: the
+    /// items are `corp/discovery`, `corp/jwks`).
+    pub fn named(
+        config: &Inbound,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        timing: Timing,
+        prefix: &str,
+    ) -> Self {
         let rules = Rules::new(config);
         let introspection = config
             .introspection
@@ -282,11 +316,16 @@ impl Validator {
             timing,
             introspection,
             discovered: tokio::sync::watch::Sender::new(false),
+            ready_discovery: format!("{prefix}{READY_DISCOVERY}"),
+            ready_jwks: format!("{prefix}{READY_JWKS}"),
+            revoked: std::sync::OnceLock::new(),
         };
         if validator.needs_discovery() {
-            validator.readiness.pending(READY_DISCOVERY);
+            validator
+                .readiness
+                .pending(validator.ready_discovery.as_str());
         }
-        validator.readiness.pending(READY_JWKS);
+        validator.readiness.pending(validator.ready_jwks.as_str());
         validator
     }
 
@@ -338,6 +377,18 @@ impl Validator {
             .await;
     }
 
+    /// Forgets the decisions about client tokens whose `sub` is `sub` (`None`: every
+    /// decision); returns how many were removed.
+    pub async fn purge(&self, sub: Option<&str>) -> u64 {
+        self.cache.purge(sub).await
+    }
+
+    /// Calls `hook` with every token that introspection reports inactive, before it is
+    /// refused: what else the proxy remembers about it (its exchanged token) can go at once.
+    pub fn on_revoked(&self, hook: RevocationHook) {
+        let _ = self.revoked.set(hook);
+    }
+
     /// Number of cached decisions (for a gauge).
     pub fn cached_decisions(&self) -> u64 {
         self.cache.len()
@@ -372,6 +423,37 @@ impl Validator {
             }
             (None, None) => Err(reject(RejectReason::Malformed, "token is not a JWT")),
         }
+    }
+
+    /// Checks the signature of `token`, a JWT issued by this validator's issuer to someone
+    /// else (e.g. the token an exchange issued for the backend), with the same header rules
+    /// and keys as a client token, and returns its claims unjudged: what they must say is the
+    /// caller's to decide.
+    pub async fn verify_signed(&self, token: &str) -> Result<claims::Claims, Unverified> {
+        let invalid = |e: jwt::Malformed| Unverified::Invalid(e.0);
+        let segments = jwt::split(token).ok_or(Unverified::NotJwt)?;
+        let header = jwt::parse_header(segments.header).map_err(invalid)?;
+        let alg = header
+            .algorithm()
+            .filter(|a| self.algorithms.contains(a))
+            .ok_or(Unverified::Invalid("algorithm not allowed"))?;
+        header.check().map_err(invalid)?;
+        let claims = jwt::parse_claims(segments.payload).map_err(invalid)?;
+        jwt::decode_segment(segments.signature).map_err(invalid)?;
+        let key = match self.key_for(header.kid.as_deref(), alg).await {
+            Ok(key) => key,
+            Err(InboundError::Unavailable) => return Err(Unverified::NoKeys),
+            Err(InboundError::Rejected { description, .. }) => {
+                return Err(Unverified::Invalid(description));
+            }
+            Err(InboundError::InsufficientScope { .. }) => {
+                return Err(Unverified::Invalid("no key"));
+            }
+        };
+        if !key.verify(&segments, alg) {
+            return Err(Unverified::Invalid("invalid signature"));
+        }
+        Ok(claims)
     }
 
     async fn validate_jwt(
@@ -453,6 +535,9 @@ impl Validator {
             let decision = if answer.active {
                 self.rules.check(&answer.claims, now, Source::Introspection)
             } else {
+                if let Some(hook) = self.revoked.get() {
+                    hook(token).await;
+                }
                 Err(reject(RejectReason::Inactive, "token is not active"))
             };
             if !claims::cacheable(&decision) {
@@ -477,7 +562,7 @@ impl Validator {
         if lost_keys {
             self.forget_decisions();
         }
-        self.readiness.done(READY_JWKS);
+        self.readiness.done(&self.ready_jwks);
         Some(max_age)
     }
 
@@ -540,7 +625,7 @@ impl Validator {
                 None => {}
             }
         }
-        self.readiness.done(READY_DISCOVERY);
+        self.readiness.done(&self.ready_discovery);
         Ok(())
     }
 

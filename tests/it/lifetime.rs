@@ -261,3 +261,210 @@ async fn an_event_stream_ends_with_its_token_after_a_whole_event_and_a_post_is_n
     .await;
     assert_eq!(ended, Some(1.0));
 }
+
+#[tokio::test]
+async fn an_issued_token_that_fails_verification_is_a_502_and_never_cached() {
+    let p = proxied_with(None, "", "").await;
+    let good = |p: &crate::exchange::Proxied| {
+        let mut c = p.issuer.claims("backend", "notes.read");
+        c["sub"] = serde_json::json!("alice");
+        c
+    };
+    let other_key = crate::support::issuer::Key::ec(&p.key.kid);
+    let cases: Vec<(&str, String)> = vec![
+        ("wrong aud", {
+            let mut c = good(&p);
+            c["aud"] = serde_json::json!("someone-else");
+            p.key.sign(&p.key.header(), &c)
+        }),
+        (
+            "bad signature",
+            other_key.sign(&other_key.header(), &good(&p)),
+        ),
+        ("expired exp", {
+            let mut c = good(&p);
+            c["exp"] = serde_json::json!(unix_now() - 10);
+            p.key.sign(&p.key.header(), &c)
+        }),
+        ("no exp", {
+            let mut c = good(&p);
+            c.as_object_mut().map(|o| o.remove("exp"));
+            p.key.sign(&p.key.header(), &c)
+        }),
+        ("wrong iss", {
+            let mut c = good(&p);
+            c["iss"] = serde_json::json!("https://elsewhere.example");
+            p.key.sign(&p.key.header(), &c)
+        }),
+    ];
+    for (what, issued) in cases {
+        p.idp.answer(Answer::IssueToken {
+            access_token: issued,
+            expires_in: Some(300),
+        });
+        let token = p.token("alice");
+        let calls = p.idp.calls();
+        for _ in 0..2 {
+            let resp = p.get(&token).await;
+            assert_eq!(resp.status(), 502, "{what}");
+        }
+        assert_eq!(p.idp.calls(), calls + 2, "{what}: never cached");
+    }
+    assert_eq!(p.echo.requests(), 0, "nothing reached the backend");
+    // A good one is accepted and cached.
+    p.idp.answer(Answer::IssueToken {
+        access_token: p.key.sign(&p.key.header(), &good(&p)),
+        expires_in: Some(300),
+    });
+    let token = p.token("alice");
+    for _ in 0..2 {
+        assert_eq!(p.get(&token).await.status(), 200);
+    }
+    assert_eq!(p.echo.requests(), 2);
+    let invalid = crate::support::metric(
+        p.proxy.admin_addr,
+        "txp_exchange_requests_total{result=\"invalid_response\"}",
+    )
+    .await;
+    assert_eq!(invalid, Some(10.0));
+}
+
+#[tokio::test]
+async fn verify_issued_always_refuses_an_opaque_token_and_never_trusts_it_as_is() {
+    for (mode, status) in [("always", 502), ("auto", 200), ("never", 200)] {
+        let p = proxied_with(None, &format!(", verify_issued: {mode}"), "").await;
+        p.idp.answer(Answer::issue(300));
+        let resp = p.get(&p.token("alice")).await;
+        assert_eq!(resp.status(), status, "{mode} with an opaque issued token");
+    }
+    // With `never`, even a token for someone else goes through: the IdP's word is taken.
+    let p = proxied_with(None, ", verify_issued: never", "").await;
+    let mut c = p.issuer.claims("someone-else", "");
+    c["sub"] = serde_json::json!("alice");
+    p.idp.answer(Answer::IssueToken {
+        access_token: p.key.sign(&p.key.header(), &c),
+        expires_in: Some(300),
+    });
+    assert_eq!(p.get(&p.token("alice")).await.status(), 200);
+}
+
+/// `POST /cache/purge` on the admin listener with `body`: status and JSON answer.
+async fn purge(admin: std::net::SocketAddr, body: &str) -> (u16, serde_json::Value) {
+    let resp = crate::support::client()
+        .post(format!("http://{admin}/cache/purge"))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("purge");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn purging_a_sub_makes_its_next_request_exchange_again() {
+    let p = proxied_with(None, "", "").await;
+    let (alice, bob) = (p.token("alice"), p.token("bob"));
+    for t in [&alice, &bob] {
+        assert_eq!(p.get(t).await.status(), 200);
+    }
+    assert_eq!(p.idp.calls(), 2);
+    let (status, answer) = purge(p.proxy.admin_addr, r#"{"sub": "alice"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["purged"], 1, "alice's exchange");
+    // Alice exchanges again; Bob is still cached.
+    assert_eq!(p.get(&alice).await.status(), 200);
+    assert_eq!(p.get(&bob).await.status(), 200);
+    assert_eq!(p.idp.calls(), 3);
+    let (status, answer) = purge(p.proxy.admin_addr, r#"{"all": true}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["purged"], 2);
+    assert_eq!(p.get(&bob).await.status(), 200);
+    assert_eq!(p.idp.calls(), 4);
+    let purged = crate::support::metric(p.proxy.admin_addr, "txp_cache_purged_total").await;
+    assert_eq!(purged, Some(3.0));
+    for bad in [
+        r#"{}"#,
+        r#"{"all": false}"#,
+        r#"{"sub": 1}"#,
+        r#"{"sub": "a", "all": true}"#,
+        "nope",
+    ] {
+        let (status, _) = purge(p.proxy.admin_addr, bad).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn an_opaque_token_found_inactive_is_refused_and_its_exchange_forgotten() {
+    let issuer = crate::support::issuer::Issuer::start().await;
+    let idp = TokenEndpoint::start(public_client()).await;
+    let echo = crate::support::echo().await;
+    let proxy = crate::support::proxy(&format!(
+        "upstream: {{url: '{}'}}\n\
+         inbound: {{issuer: '{iss}', jwks_uri: '{iss}/jwks', audiences: [mcp], introspection: {{endpoint: '{iss}/introspect', client_id: txp}}}}\n\
+         exchange: {{token_endpoint: '{}', client_id: txp, client_auth: {{method: none}}, audience: [backend], timeout: 1s}}\n",
+        echo.url(),
+        idp.url(),
+        iss = issuer.url(),
+    ))
+    .await;
+    crate::support::wait_ready(proxy.admin_addr).await;
+    let opaque = "opaque-token-of-alice";
+    let active = serde_json::json!({
+        "active": true, "iss": issuer.url(), "sub": "alice", "aud": "mcp",
+        "exp": unix_now() + 600,
+    });
+    issuer.register_opaque(opaque, active);
+    let get = || async {
+        crate::support::client()
+            .get(format!("http://{}/mcp", proxy.addr))
+            .bearer_auth(opaque)
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get().await, 200);
+    assert_eq!(idp.calls(), 1);
+    // Revoked at the IdP; once its remembered acceptance is purged, introspection says so.
+    issuer.register_opaque(opaque, serde_json::json!({"active": false}));
+    let (status, _) = purge(proxy.admin_addr, r#"{"sub": "alice"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(get().await, 401);
+    assert_eq!(idp.calls(), 1, "a revoked token is not exchanged");
+}
+
+#[tokio::test]
+async fn introspection_reporting_a_token_inactive_removes_its_cached_exchange() {
+    let issuer = crate::support::issuer::Issuer::start().await;
+    let idp = TokenEndpoint::start(public_client()).await;
+    let config = crate::support::config_from(&format!(
+        "upstream: {{url: 'http://127.0.0.1:9'}}\n\
+         inbound: {{issuer: '{iss}', jwks_uri: '{iss}/jwks', audiences: [mcp], introspection: {{endpoint: '{iss}/introspect', client_id: txp}}}}\n\
+         exchange: {{token_endpoint: '{}', client_id: txp, client_auth: {{method: none}}, audience: [backend], timeout: 1s}}\n",
+        idp.url(),
+        iss = issuer.url(),
+    ));
+    let protection = token_exchange_proxy::Protection::start(&config).expect("protection");
+    let exchanger = protection.exchanger().expect("exchange mode").clone();
+    let opaque = "opaque-token-of-bob";
+    let first = exchanger.exchange(opaque, None).await.expect("exchange");
+    let again = exchanger.exchange(opaque, None).await.expect("exchange");
+    assert_eq!(
+        (first.cache, again.cache),
+        (CacheStatus::Miss, CacheStatus::Hit)
+    );
+    // Introspection now says it is revoked.
+    issuer.register_opaque(opaque, serde_json::json!({"active": false}));
+    let refused = protection.validator.validate(opaque).await;
+    assert!(refused.is_err(), "{refused:?}");
+    let after = exchanger.exchange(opaque, None).await.expect("exchange");
+    assert_eq!(
+        after.cache,
+        CacheStatus::Miss,
+        "the cached exchange went with it"
+    );
+    assert_eq!(idp.calls(), 2);
+}

@@ -8,6 +8,7 @@ mod forwarding;
 mod hardening;
 mod inbound;
 mod lifetime;
+mod online;
 mod rmcp_example;
 mod shutdown;
 mod upstream_pool;

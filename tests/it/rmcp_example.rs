@@ -54,6 +54,8 @@ async fn example() -> Example {
     })
     .await;
     idp.answer(Answer::IssueJwt { expires_in: 300 });
+    // One IdP: it signs the tokens it issues with the key the proxy trusts.
+    idp.sign_as(&issuer.url(), &key);
     // No `upstream`: the example has no use for one.
     let yaml = format!(
         "listen: 127.0.0.1:0\n\

@@ -52,6 +52,7 @@ fn setup() -> Setup {
         timeout: Duration::from_secs(1),
         max_concurrent: 64,
         negative_ttl: Duration::from_secs(10),
+        verify_issued: crate::config::VerifyIssued::Auto,
     };
     let cache = Cache {
         max_entries: 10,

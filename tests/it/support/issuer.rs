@@ -39,6 +39,7 @@ pub fn now() -> i64 {
 }
 
 /// A signing key with its public JWK.
+#[derive(Clone)]
 pub struct Key {
     pub kid: String,
     /// The algorithm this key signs with by default (RS256 or ES256).

@@ -41,6 +41,8 @@ pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// RFC 7523 §2.2.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The subject token of the proxy's credentials probe.
+pub use token_exchange_proxy::exchange::PROBE_SUBJECT;
 
 /// How the endpoint expects the client to authenticate.
 #[derive(Clone)]
@@ -96,8 +98,8 @@ pub enum Answer {
     },
     /// 200 with a fresh JWT living `expires_in` seconds, as an IdP issues for a delegation:
     /// `sub` of the subject token, `aud` the requested `audience` (RFC 8693 §2.1), `act`
-    /// naming the authenticated client (§4.1). Unsigned (RFC 7515 Appendix A.5): the tests
-    /// read its claims, nobody verifies it.
+    /// naming the authenticated client (§4.1). Signed as [`TokenEndpoint::sign_as`] says,
+    /// else unsigned (RFC 7515 Appendix A.5) with this endpoint as `iss`.
     IssueJwt { expires_in: u64 },
     /// An error status with an optional RFC 6749 §5.2 `error` and `Retry-After`.
     Error {
@@ -161,6 +163,7 @@ impl Seen {
 
 struct State {
     calls: AtomicUsize,
+    probes: AtomicUsize,
     discovery_calls: AtomicUsize,
     discovery_down: AtomicBool,
     issued: AtomicUsize,
@@ -169,6 +172,8 @@ struct State {
     auth: Mutex<ClientAuth>,
     seen: Mutex<Vec<Seen>>,
     jtis: Mutex<HashSet<String>>,
+    /// Who issues delegation JWTs and the key they are signed with.
+    signer: Mutex<Option<(String, super::issuer::Key)>>,
 }
 
 /// A running token endpoint.
@@ -187,6 +192,7 @@ impl TokenEndpoint {
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State {
             calls: AtomicUsize::new(0),
+            probes: AtomicUsize::new(0),
             discovery_calls: AtomicUsize::new(0),
             discovery_down: AtomicBool::new(false),
             issued: AtomicUsize::new(0),
@@ -195,6 +201,7 @@ impl TokenEndpoint {
             auth: Mutex::new(auth),
             seen: Mutex::default(),
             jtis: Mutex::default(),
+            signer: Mutex::default(),
         });
         let endpoint = Self { addr, state };
         let e = endpoint.clone();
@@ -203,6 +210,12 @@ impl TokenEndpoint {
             async move { e.handle(req).await }
         });
         endpoint
+    }
+
+    /// Delegation JWTs ([`Answer::IssueJwt`]) name `issuer` as `iss` and are signed with
+    /// `key`, as by an IdP that signs every token it issues with the key it publishes.
+    pub fn sign_as(&self, issuer: &str, key: &super::issuer::Key) {
+        *self.state.signer.lock().expect("lock") = Some((issuer.to_owned(), key.clone()));
     }
 
     /// `http://127.0.0.1:PORT` (also the issuer in its discovery document).
@@ -218,6 +231,11 @@ impl TokenEndpoint {
     /// Token requests received so far (authenticated or not).
     pub fn calls(&self) -> usize {
         self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// Credentials probes so far (token requests for [`PROBE_SUBJECT`], not in `calls`).
+    pub fn probes(&self) -> usize {
+        self.state.probes.load(Ordering::SeqCst)
     }
 
     /// Discovery requests so far.
@@ -278,7 +296,6 @@ impl TokenEndpoint {
     }
 
     async fn token(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        self.state.calls.fetch_add(1, Ordering::SeqCst);
         let authorization = req
             .headers()
             .get(http::header::AUTHORIZATION)
@@ -301,6 +318,23 @@ impl TokenEndpoint {
             issued: None,
             client_ok: false,
         };
+        // The proxy's credentials probe: answered like any IdP answers a bad subject token,
+        // and counted apart, so that `calls` counts exchanges.
+        if seen.param("subject_token") == Some(PROBE_SUBJECT) {
+            self.state.probes.fetch_add(1, Ordering::SeqCst);
+            return if self.authenticate(&seen) {
+                json(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": "invalid_grant"}),
+                )
+            } else {
+                json(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "invalid_client"}),
+                )
+            };
+        }
+        self.state.calls.fetch_add(1, Ordering::SeqCst);
         let delay = *self.state.delay.lock().expect("lock");
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -412,8 +446,12 @@ impl TokenEndpoint {
         };
         let client_id = self.state.auth.lock().expect("lock").id().to_owned();
         let now = super::issuer::now();
+        let signer = self.state.signer.lock().expect("lock").clone();
+        let iss = signer
+            .as_ref()
+            .map_or_else(|| self.issuer(), |(iss, _)| iss.clone());
         let claims = serde_json::json!({
-            "iss": self.issuer(),
+            "iss": iss,
             "sub": subject["sub"],
             "aud": audience,
             "act": {"sub": client_id},
@@ -422,10 +460,17 @@ impl TokenEndpoint {
             "exp": now + expires_in as i64,
             "jti": format!("xt-{n}"),
         });
-        super::issuer::unsigned(
-            &serde_json::json!({"alg": "none", "typ": "at+jwt"}),
-            &claims,
-        )
+        match signer {
+            Some((_, key)) => {
+                let mut header = key.header();
+                header["typ"] = serde_json::json!("at+jwt");
+                key.sign(&header, &claims)
+            }
+            None => super::issuer::unsigned(
+                &serde_json::json!({"alg": "none", "typ": "at+jwt"}),
+                &claims,
+            ),
+        }
     }
 
     /// Checks the client's credentials the way an authorization server does.
