@@ -2,8 +2,8 @@
 //!
 //! **Request.** Runs behind [`crate::inbound::BearerAuthLayer`]. A request carrying a
 //! validated [`Principal`] has its `Authorization` replaced by `Bearer <exchanged token>`
-//! (RFC 8693, through the [`Exchanger`] and its cache); the [`CacheStatus`] goes into the
-//! request's extensions. A request without a principal (a public path) goes on without any
+//! (RFC 8693, through the [`Exchanger`] and its cache); the [`Exchanged`] token, with its
+//! [`CacheStatus`], stays in the request's extensions. A request without a principal (a public path) goes on without any
 //! `Authorization` at all: whatever the client sent is removed, so the inner service never
 //! sees a client token, whatever the layers above did.
 //!
@@ -21,6 +21,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::{Either, MapOk, TryFutureExt};
+
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use tower::{Layer, Service};
@@ -32,6 +34,12 @@ use crate::inbound::{Principal, Recall, Validator, bearer_token};
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub struct TokenExchangeLayer {
+    /// One allocation for everything a call may need: cloned once per request.
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     exchanger: Arc<Exchanger>,
     validator: Arc<Validator>,
     responder: Responder,
@@ -48,10 +56,12 @@ impl TokenExchangeLayer {
         max_token_bytes: usize,
     ) -> Self {
         Self {
-            exchanger,
-            validator,
-            responder,
-            max_token_bytes,
+            shared: Arc::new(Shared {
+                exchanger,
+                validator,
+                responder,
+                max_token_bytes,
+            }),
         }
     }
 }
@@ -76,6 +86,9 @@ pub struct TokenExchange<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// What the inner service's response becomes.
+type Passed<B> = fn(Response<B>) -> Response<ResponseBody<B>>;
+
 impl<S, ReqB, ResB> Service<Request<ReqB>> for TokenExchange<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -85,27 +98,34 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, S::Error>>;
+    type Future =
+        Either<MapOk<S::Future, Passed<ResB>>, BoxFuture<Result<Self::Response, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        // Found by the recall that accepted the token: nothing left to do.
-        if let Some(exchanged) = req.extensions_mut().remove::<Exchanged>() {
-            swap_in(&mut req, exchanged);
-            return Box::pin(async move { Ok(inner.call(req).await?.map(ResponseBody::inner)) });
+        let passed: Passed<ResB> = |r| r.map(ResponseBody::inner);
+        // Found by the recall that accepted the token: nothing left to do (the hot path, with
+        // no future of its own).
+        if let Some(authorization) = req
+            .extensions()
+            .get::<Exchanged>()
+            .map(|e| e.authorization.clone())
+        {
+            swap_in(&mut req, authorization);
+            return Either::Left(self.inner.call(req).map_ok(passed));
         }
         let Some(principal) = req.extensions().get::<Principal>().cloned() else {
             // No validated token: none goes on.
             req.headers_mut().remove(header::AUTHORIZATION);
-            return Box::pin(async move { Ok(inner.call(req).await?.map(ResponseBody::inner)) });
+            return Either::Left(self.inner.call(req).map_ok(passed));
         };
-        let layer = self.layer.clone();
-        Box::pin(async move {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.shared.clone();
+        Either::Right(Box::pin(async move {
             let exchanged = match bearer_token(req.headers(), layer.max_token_bytes) {
                 Ok(token) => {
                     let key = layer.exchanger.key(token);
@@ -124,7 +144,8 @@ where
             };
             match exchanged {
                 Ok(exchanged) => {
-                    swap_in(&mut req, exchanged);
+                    swap_in(&mut req, exchanged.authorization.clone());
+                    req.extensions_mut().insert(exchanged);
                     Ok(inner.call(req).await?.map(ResponseBody::inner))
                 }
                 Err(denial) => {
@@ -134,17 +155,16 @@ where
                     Ok(resp.map(ResponseBody::own))
                 }
             }
-        })
+        }))
     }
 }
 
 /// Puts the exchanged token in place of the client's.
-fn swap_in<B>(req: &mut Request<B>, exchanged: Exchanged) {
-    let mut value: HeaderValue = exchanged.authorization;
-    value.set_sensitive(true);
+fn swap_in<B>(req: &mut Request<B>, mut authorization: HeaderValue) {
+    authorization.set_sensitive(true);
     // `insert` replaces every value the client sent.
-    req.headers_mut().insert(header::AUTHORIZATION, value);
-    req.extensions_mut().insert(exchanged.cache);
+    req.headers_mut()
+        .insert(header::AUTHORIZATION, authorization);
 }
 
 impl Recall for Arc<Exchanger> {

@@ -71,8 +71,22 @@ impl<R: Recall> Recall for Option<R> {
 }
 
 /// See the module documentation.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BearerAuthLayer<R = NoRecall> {
+    /// One allocation for everything a call may need: cloned once per request.
+    shared: Arc<Shared<R>>,
+}
+
+impl<R> Clone for BearerAuthLayer<R> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared<R> {
     validator: Arc<Validator>,
     responder: Responder,
     public_paths: Arc<[String]>,
@@ -88,11 +102,13 @@ impl BearerAuthLayer {
         responder: Responder,
     ) -> Self {
         Self {
-            validator,
-            responder,
-            public_paths: config.public_paths.clone().into(),
-            max_token_bytes: config.max_token_bytes,
-            recall: NoRecall,
+            shared: Arc::new(Shared {
+                validator,
+                responder,
+                public_paths: config.public_paths.clone().into(),
+                max_token_bytes: config.max_token_bytes,
+                recall: NoRecall,
+            }),
         }
     }
 }
@@ -100,17 +116,20 @@ impl BearerAuthLayer {
 impl<R> BearerAuthLayer<R> {
     /// Consults `recall` before validating.
     pub fn recall<R2: Recall>(self, recall: R2) -> BearerAuthLayer<R2> {
+        let s = &self.shared;
         BearerAuthLayer {
-            validator: self.validator,
-            responder: self.responder,
-            public_paths: self.public_paths,
-            max_token_bytes: self.max_token_bytes,
-            recall,
+            shared: Arc::new(Shared {
+                validator: s.validator.clone(),
+                responder: s.responder.clone(),
+                public_paths: s.public_paths.clone(),
+                max_token_bytes: s.max_token_bytes,
+                recall,
+            }),
         }
     }
 }
 
-impl<S, R: Clone> Layer<S> for BearerAuthLayer<R> {
+impl<S, R> Layer<S> for BearerAuthLayer<R> {
     type Service = BearerAuth<S, R>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -122,10 +141,19 @@ impl<S, R: Clone> Layer<S> for BearerAuthLayer<R> {
 }
 
 /// The service of [`BearerAuthLayer`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct BearerAuth<S, R = NoRecall> {
     inner: S,
     layer: BearerAuthLayer<R>,
+}
+
+impl<S: Clone, R> Clone for BearerAuth<S, R> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -150,10 +178,10 @@ where
         // The clone that was not driven to readiness stays behind (tower's usual swap).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let layer = self.layer.clone();
+        let layer = self.layer.shared.clone();
         // What the proxy's own challenge will need if the backend answers with one.
         let (host, uri) = (req.headers().get(header::HOST).cloned(), req.uri().clone());
-        if is_public_path(&self.layer.public_paths, req.uri().path()) {
+        if is_public_path(&layer.public_paths, req.uri().path()) {
             let headers = req.headers_mut();
             headers.remove(header::AUTHORIZATION);
             headers.remove(header::PROXY_AUTHORIZATION);
@@ -198,7 +226,7 @@ type Accepted<T> = (Principal, Option<T>, Option<HeaderValue>);
 
 /// Accepts the request's bearer token, by recall or by validation.
 async fn accept<R: Recall>(
-    layer: &BearerAuthLayer<R>,
+    layer: &Shared<R>,
     headers: &http::HeaderMap,
 ) -> Result<Accepted<R::Recalled>, Denial> {
     let token = bearer_token(headers, layer.max_token_bytes)?;

@@ -5,7 +5,7 @@
 //! The outermost layer: it sees every response, the proxy's own refusals included. What the
 //! inner layers decided reaches it through the response's extensions: the [`Outcome`] (absent:
 //! forwarded, or [`Public`] when the request was on a public path), the [`Principal`] (`sub`)
-//! and the [`CacheStatus`].
+//! and the [`Exchanged`] token's [`CacheStatus`](crate::exchange::CacheStatus).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
 use crate::error::Outcome;
-use crate::exchange::CacheStatus;
+use crate::exchange::Exchanged;
 use crate::inbound::{Principal, Public};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 
@@ -29,8 +29,8 @@ pub struct AccessLog {
     pub metrics: Arc<Metrics>,
     pub start: Instant,
     pub method: http::Method,
-    /// The path without the query string.
-    pub path: String,
+    /// The request target; only its path (never the query string) is logged.
+    pub target: http::uri::PathAndQuery,
     pub status: u16,
     /// What the proxy did: `forwarded`, `public`, `metadata`, `unauthenticated`, …
     pub outcome: &'static str,
@@ -44,13 +44,17 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    /// Starts the record for a request received now.
-    pub fn new(metrics: Arc<Metrics>, method: http::Method, path: &str) -> Self {
+    /// Starts the record for a request to `target` received now.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        method: http::Method,
+        target: http::uri::PathAndQuery,
+    ) -> Self {
         Self {
             metrics,
             start: Instant::now(),
             method,
-            path: path.to_owned(),
+            target,
             status: 0,
             outcome: Outcome::FORWARDED.0,
             cache: None,
@@ -69,7 +73,7 @@ impl AccessLog {
             (None, Some(Public)) => Outcome::PUBLIC.0,
             (None, None) => Outcome::FORWARDED.0,
         };
-        self.cache = ext.get::<CacheStatus>().map(|c| c.as_str());
+        self.cache = ext.get::<Exchanged>().map(|e| e.cache.as_str());
         self.sub = ext.get::<Principal>().and_then(|p| p.sub.clone());
     }
 }
@@ -81,7 +85,7 @@ impl Drop for AccessLog {
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
             crate::logging::access(&crate::logging::AccessRecord {
                 method: self.method.as_str(),
-                path: &self.path,
+                path: self.target.path(),
                 status: self.status,
                 duration: elapsed,
                 bytes: self.bytes,
@@ -139,7 +143,13 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let log = AccessLog::new(self.metrics.clone(), req.method().clone(), req.uri().path());
+        // The request's own target, shared rather than copied.
+        let target = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let log = AccessLog::new(self.metrics.clone(), req.method().clone(), target);
         LoggedFuture {
             inner: self.inner.call(req),
             log: Some(log),

@@ -67,7 +67,11 @@ fn the_access_line_takes_what_the_layers_decided() {
             {
                 let mut e = http::Extensions::new();
                 e.insert(principal("alice"));
-                e.insert(CacheStatus::Hit);
+                e.insert(crate::exchange::Exchanged {
+                    authorization: http::HeaderValue::from_static("Bearer x"),
+                    cache: CacheStatus::Hit,
+                    sub: None,
+                });
                 e
             },
             "forwarded",
@@ -89,12 +93,14 @@ fn the_access_line_takes_what_the_layers_decided() {
     for (extensions, outcome, sub, cache) in cases {
         let mut resp = Response::new(());
         *resp.extensions_mut() = extensions;
-        let mut log = AccessLog::new(metrics.clone(), Method::GET, "/mcp");
+        let target = http::uri::PathAndQuery::from_static("/mcp?secret=1");
+        let mut log = AccessLog::new(metrics.clone(), Method::GET, target);
         log.note(&resp);
         assert_eq!(log.outcome, outcome);
         assert_eq!(log.sub.as_deref(), sub);
         assert_eq!(log.cache, cache);
         assert_eq!(log.status, 200);
+        assert_eq!(log.target.path(), "/mcp", "the query is never logged");
     }
 }
 
@@ -180,7 +186,11 @@ async fn a_silent_backend_body_ends_as_an_idle_timeout() {
         Result<http_body::Frame<Bytes>, std::convert::Infallible>,
     >());
     let bounded = tower_http::timeout::TimeoutBody::new(Duration::from_millis(20), silent);
-    let log = AccessLog::new(metrics.clone(), Method::GET, "/sse");
+    let log = AccessLog::new(
+        metrics.clone(),
+        Method::GET,
+        http::uri::PathAndQuery::from_static("/sse"),
+    );
     let body = LoggedBody::new(bounded, log);
     let err = body.collect().await.expect_err("timed out");
     assert!(access_log::is_idle_timeout(&*err), "{err}");

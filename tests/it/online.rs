@@ -135,9 +135,14 @@ async fn a_rejected_client_keeps_the_proxy_unready_until_its_secret_is_fixed() {
     })
     .await;
     assert!(rejected, "readyz: {:?}", readyz().await);
-    let logged = proc.logs.lock().expect("lock").iter().any(|l| {
-        l.contains("\"level\":\"ERROR\"") && l.contains("rejects the proxy's client credentials")
-    });
+    // Log lines reach stdout in batches, a fraction of a second later.
+    let logged = eventually(Duration::from_secs(3), async || {
+        proc.logs.lock().expect("lock").iter().any(|l| {
+            l.contains("\"level\":\"ERROR\"")
+                && l.contains("rejects the proxy's client credentials")
+        })
+    })
+    .await;
     assert!(logged, "no error logged");
     // The secret is fixed (the Secret's file rewritten): a re-probe lets the proxy be ready.
     std::fs::write(&s.secret_file, "the-right-secret").expect("write secret");

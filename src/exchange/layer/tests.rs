@@ -160,7 +160,8 @@ fn recorder(
         async move {
             seen.calls.fetch_add(1, Ordering::SeqCst);
             *seen.headers.lock().expect("lock") = Some(req.headers().clone());
-            *seen.cache.lock().expect("lock") = req.extensions().get::<CacheStatus>().copied();
+            *seen.cache.lock().expect("lock") =
+                req.extensions().get::<Exchanged>().map(|e| e.cache);
             Ok(http::Response::new(()))
         }
     })
