@@ -97,7 +97,7 @@ impl Fixture {
             }
             protection
         });
-        let validator = protection.validator.clone();
+        let validator = protection.validator().clone();
         let exchanger = protection.exchanger().expect("exchange mode").clone();
         Self {
             rt,
@@ -105,7 +105,7 @@ impl Fixture {
             protection,
             validator,
             exchanger,
-            max_token_bytes: cfg.inbound.max_token_bytes,
+            max_token_bytes: cfg.inbound().max_token_bytes,
             upstream_host: HeaderValue::from_static("127.0.0.1:9"),
             _dir: dir,
         }

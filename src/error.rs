@@ -35,10 +35,22 @@ impl Responder {
     /// The response refusing a request (`headers` and `uri` name the resource in the
     /// challenge).
     pub fn deny(&self, denial: &Denial, headers: &HeaderMap, uri: &Uri) -> Response<Full<Bytes>> {
+        self.deny_for(None, denial, headers, uri)
+    }
+
+    /// As [`Responder::deny`], counting a rejected token for `profile` (its index in the
+    /// config; `None` when no profile could be told, e.g. for a request without a token).
+    pub fn deny_for(
+        &self,
+        profile: Option<usize>,
+        denial: &Denial,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> Response<Full<Bytes>> {
         let host = headers.get(header::HOST);
         let reply = reply(denial, &self.resource.metadata_url_for(host, uri));
         if let Some(reason) = reply.rejection {
-            self.metrics.token_rejections.inc(reason);
+            self.metrics.token_rejections.inc_for(profile, reason);
         }
         response(&reply)
     }
@@ -184,6 +196,20 @@ pub fn reply(denial: &Denial, resource_metadata: &str) -> Reply {
         Denial::Exchange(ExchangeError::ScopeRejected { scope }) => Reply {
             outcome: "exchange_rejected",
             ..insufficient_scope(scope.as_deref().unwrap_or(""), resource_metadata)
+        },
+        Denial::Exchange(ExchangeError::ClaimsRequired { claims }) => Reply {
+            status: StatusCode::UNAUTHORIZED,
+            // Base64 has no character that needs quoting.
+            www_authenticate: Some(format!(
+                "Bearer error=\"insufficient_claims\", claims=\"{claims}\", resource_metadata=\"{resource_metadata}\""
+            )),
+            retry_after: None,
+            body: json_error(
+                "insufficient_claims",
+                "the identity provider requires more claims (e.g. multi-factor authentication)",
+            ),
+            outcome: "exchange_rejected",
+            rejection: None,
         },
         Denial::Exchange(ExchangeError::ClientRejected) => bad_gateway(
             "bad_gateway",

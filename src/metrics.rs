@@ -5,6 +5,7 @@
 //! relaxed atomic add.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -96,6 +97,72 @@ impl<L: Label> LabeledCounter<L> {
         for l in L::ALL {
             let v = self.values[l.index()].load(Ordering::Relaxed);
             let _ = writeln!(out, "{name}{{{}=\"{}\"}} {v}", L::NAME, l.as_str());
+        }
+    }
+}
+
+/// A [`LabeledCounter`] per profile (README "Several issuers"): with named profiles it gains a
+/// `profile` label, whose values are the profiles' names and `""` (a request no profile
+/// could be told for, e.g. one without a token); without, it renders as a plain
+/// [`LabeledCounter`].
+#[derive(Debug)]
+pub struct ProfileCounter<L: Label> {
+    /// Slot 0: no profile (and the only slot without named profiles); slot `i + 1`: profile `i`.
+    slots: Vec<LabeledCounter<L>>,
+    names: Arc<[String]>,
+}
+
+impl<L: Label> Default for ProfileCounter<L> {
+    fn default() -> Self {
+        Self::new(Arc::from([]))
+    }
+}
+
+impl<L: Label> ProfileCounter<L> {
+    fn new(names: Arc<[String]>) -> Self {
+        Self {
+            slots: (0..=names.len())
+                .map(|_| LabeledCounter::default())
+                .collect(),
+            names,
+        }
+    }
+
+    /// Adds one for `label`, for no profile in particular.
+    pub fn inc(&self, label: L) {
+        self.inc_for(None, label);
+    }
+
+    /// Adds one for `label` and profile `profile` (its index in the config).
+    pub fn inc_for(&self, profile: Option<usize>, label: L) {
+        let slot = match profile {
+            Some(i) if !self.names.is_empty() => (i + 1).min(self.slots.len() - 1),
+            _ => 0,
+        };
+        self.slots[slot].inc(label);
+    }
+
+    /// Current value for `label`, over every profile.
+    pub fn get(&self, label: L) -> u64 {
+        self.slots.iter().map(|s| s.get(label)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        if self.names.is_empty() {
+            return self.slots[0].render(out, name, help);
+        }
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (slot, counter) in self.slots.iter().enumerate() {
+            let profile = slot.checked_sub(1).map_or("", |i| self.names[i].as_str());
+            for l in L::ALL {
+                let v = counter.values[l.index()].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{name}{{{}=\"{}\",profile=\"{profile}\"}} {v}",
+                    L::NAME,
+                    l.as_str()
+                );
+            }
         }
     }
 }
@@ -200,7 +267,7 @@ pub struct Metrics {
     aborted: AtomicU64,
     pub request_duration: Histogram,
     pub upstream_errors: LabeledCounter<UpstreamErrorKind>,
-    pub token_rejections: LabeledCounter<RejectReason>,
+    pub token_rejections: ProfileCounter<RejectReason>,
     pub jwks_refreshes: LabeledCounter<RefreshResult>,
     /// Exchanges made ahead of an entry's end (`cache.refresh_ahead`).
     pub exchange_refreshes: LabeledCounter<RefreshResult>,
@@ -210,7 +277,7 @@ pub struct Metrics {
     pub streams_ended: LabeledCounter<StreamEnd>,
     /// Cache entries removed by `POST /cache/purge`.
     pub cache_purged: AtomicU64,
-    pub exchange_requests: LabeledCounter<ExchangeResult>,
+    pub exchange_requests: ProfileCounter<ExchangeResult>,
     pub exchange_duration: Histogram,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
@@ -223,6 +290,15 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Self::with_profiles(&[])
+    }
+}
+
+impl Metrics {
+    /// The metrics of a proxy with these named profiles (none: the one-profile form, and no
+    /// `profile` label).
+    pub fn with_profiles(names: &[String]) -> Self {
+        let names: Arc<[String]> = names.iter().filter(|n| !n.is_empty()).cloned().collect();
         Self {
             requests: (STATUS_MIN..=STATUS_MAX)
                 .map(|_| AtomicU64::new(0))
@@ -230,13 +306,13 @@ impl Default for Metrics {
             aborted: AtomicU64::new(0),
             request_duration: Histogram::default(),
             upstream_errors: LabeledCounter::default(),
-            token_rejections: LabeledCounter::default(),
+            token_rejections: ProfileCounter::new(names.clone()),
             jwks_refreshes: LabeledCounter::default(),
             exchange_refreshes: LabeledCounter::default(),
             stale_served: AtomicU64::new(0),
             streams_ended: LabeledCounter::default(),
             cache_purged: AtomicU64::new(0),
-            exchange_requests: LabeledCounter::default(),
+            exchange_requests: ProfileCounter::new(names),
             exchange_duration: Histogram::default(),
             cache_hits: AtomicU64::new(0),
             cache_misses: AtomicU64::new(0),

@@ -5,12 +5,13 @@
 //! token endpoint with a deliberately invalid subject token ([`Exchanger::probe`]): an answer
 //! refusing the proxy's own client (`invalid_client`, `unauthorized_client`,
 //! `unsupported_grant_type`, HTTP 401) means the proxy cannot exchange anything. Each failure
-//! names what failed (`discovery`, `jwks`, the config key of a file, `token_endpoint`) and why,
-//! never a secret.
+//! names what failed (`discovery`, `jwks`, the config key of a file, `token_endpoint`;
+//! prefixed `<profile>/` with several profiles, README "Several issuers") and why, never a
+//! secret.
 
 use std::sync::Arc;
 
-use crate::config::{ClientAuth, Config, Mode};
+use crate::config::{ClientAuth, Config, Inbound, Mode, Profile};
 use crate::exchange::{Exchanger, ExchangerOptions, SetupError};
 use crate::idp::{self, IdpClient};
 use crate::inbound::jwks::{JwkSetDocument, KeySet};
@@ -40,32 +41,55 @@ fn failure(what: &str, why: impl std::fmt::Display) -> Failure {
     }
 }
 
-/// Runs every online check of `config`; an empty list means all passed.
+/// Runs every online check of `config`, profile by profile; an empty list means all passed.
 pub async fn check(config: &Config) -> Vec<Failure> {
     let mut failures = Vec::new();
     let idp = match IdpClient::new(&config.idp_tls) {
         Ok(c) => c,
         Err(e) => return vec![failure("idp_tls.ca_file", e)],
     };
-    keys(config, &idp, &mut failures).await;
-    if let Some(introspection) = &config.inbound.introspection
+    for (index, profile) in config.profiles.iter().enumerate() {
+        let mut found = Vec::new();
+        check_profile(config, profile, index, &idp, &mut found).await;
+        if !profile.name.is_empty() {
+            for f in &mut found {
+                f.what = format!("{}/{}", profile.name, f.what);
+            }
+        }
+        failures.append(&mut found);
+    }
+    failures
+}
+
+/// The checks of one profile, named without the profile.
+async fn check_profile(
+    config: &Config,
+    profile: &Profile,
+    index: usize,
+    idp: &IdpClient,
+    failures: &mut Vec<Failure>,
+) {
+    keys(&profile.inbound, idp, failures).await;
+    if let Some(introspection) = &profile.inbound.introspection
         && let Some(path) = &introspection.client_secret_file
         && let Err(e) = SecretFile::new(path.clone()).get().await
     {
         failures.push(failure("inbound.introspection.client_secret_file", e));
     }
-    if let (Mode::Exchange, Some(exchange)) = (config.mode, &config.exchange) {
+    if let (Mode::Exchange, Some(exchange)) = (config.mode, &profile.exchange) {
         let options = ExchangerOptions {
             probe: false,
             ..ExchangerOptions::default()
         };
-        let built = Exchanger::with_options(
+        let built = Exchanger::for_profile(
             exchange,
             &config.cache,
             idp.clone(),
             Arc::new(Metrics::default()),
             Arc::new(Readiness::default()),
             options,
+            index,
+            &profile.name,
         );
         match built {
             Ok(exchanger) => {
@@ -78,12 +102,10 @@ pub async fn check(config: &Config) -> Vec<Failure> {
             }
         }
     }
-    failures
 }
 
 /// Discovery (when the JWKS location is not configured) and the JWKS itself.
-async fn keys(config: &Config, idp: &IdpClient, failures: &mut Vec<Failure>) {
-    let inbound = &config.inbound;
+async fn keys(inbound: &Inbound, idp: &IdpClient, failures: &mut Vec<Failure>) {
     let jwks_uri = match &inbound.jwks_uri {
         Some(uri) => uri.clone(),
         None => match idp::discover(idp, &inbound.issuer, inbound.discovery_url.as_ref()).await {

@@ -92,15 +92,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = protection.metrics.clone();
     let readiness = protection.readiness.clone();
 
-    let before_render: Option<admin::BeforeRender> = protection.exchanger().cloned().map(|e| {
-        let metrics = metrics.clone();
+    // The exchanged-token cache gauge counts the entries of every profile.
+    let exchangers: Vec<_> = protection.exchangers().cloned().collect();
+    let before_render: Option<admin::BeforeRender> = (!exchangers.is_empty()).then(|| {
+        let (exchangers, metrics) = (Arc::new(exchangers), metrics.clone());
         Arc::new(move || -> BoxFuture<'static, ()> {
-            let (e, metrics) = (e.clone(), metrics.clone());
+            let (exchangers, metrics) = (exchangers.clone(), metrics.clone());
             Box::pin(async move {
-                e.sync().await;
+                let mut entries = 0;
+                for e in exchangers.iter() {
+                    e.sync().await;
+                    entries += e.entry_count();
+                }
                 metrics
                     .cache_entries
-                    .store(e.entry_count(), std::sync::atomic::Ordering::Relaxed);
+                    .store(entries, std::sync::atomic::Ordering::Relaxed);
             })
         }) as admin::BeforeRender
     });

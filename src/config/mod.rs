@@ -119,14 +119,88 @@ pub struct Config {
     /// `None`: no CORS handling at all.
     pub cors: Option<Cors>,
     pub upstream: Upstream,
-    pub inbound: Inbound,
-    /// `None` in passthrough mode.
-    pub exchange: Option<Exchange>,
+    /// The issuers whose tokens are accepted, each with its rules and exchange: the named
+    /// `profiles`, or the one made of the top-level `inbound` and `exchange` sections.
+    #[serde(flatten)]
+    pub profiles: Profiles,
     pub idp_tls: IdpTls,
     pub cache: Cache,
     pub protected_resource: ProtectedResource,
     pub shutdown: Shutdown,
     pub log: Log,
+}
+
+impl Config {
+    /// The first profile's `inbound` (the only one without `profiles`).
+    pub fn inbound(&self) -> &Inbound {
+        &self.profiles[0].inbound
+    }
+
+    /// The first profile's `exchange` (the only one without `profiles`); `None` in
+    /// passthrough mode.
+    pub fn exchange(&self) -> Option<&Exchange> {
+        self.profiles[0].exchange.as_ref()
+    }
+}
+
+/// One issuer whose tokens are accepted, with its validation rules and its exchange
+/// (README "Several issuers").
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    /// `[a-z0-9-]+`, or empty for the one-profile form; a metric label.
+    pub name: String,
+    pub inbound: Inbound,
+    /// `None` in passthrough mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exchange: Option<Exchange>,
+}
+
+/// The profiles, never empty: printed as `profiles:` when they are named, else as the
+/// top-level `inbound` and `exchange` they came from.
+#[derive(Debug, Clone)]
+pub struct Profiles(pub Vec<Profile>);
+
+impl std::ops::Deref for Profiles {
+    type Target = [Profile];
+
+    fn deref(&self) -> &[Profile] {
+        &self.0
+    }
+}
+
+impl Profiles {
+    /// Whether they are named `profiles` (else the one-profile form).
+    pub fn named(&self) -> bool {
+        self.0.iter().any(|p| !p.name.is_empty())
+    }
+}
+
+impl Serialize for Profiles {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = s.serialize_map(None)?;
+        match self.0.as_slice() {
+            [one] if !self.named() => {
+                map.serialize_entry("inbound", &one.inbound)?;
+                if let Some(e) = &one.exchange {
+                    map.serialize_entry("exchange", e)?;
+                }
+            }
+            all => map.serialize_entry("profiles", all)?,
+        }
+        map.end()
+    }
+}
+
+/// `exchange.grant`: how the proxy asks for the backend's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grant {
+    /// OAuth 2.0 Token Exchange (RFC 8693).
+    TokenExchange,
+    /// Microsoft Entra ID On-Behalf-Of: the JWT bearer grant (RFC 7523 §2.1) with
+    /// `requested_token_use=on_behalf_of`.
+    JwtBearerObo,
 }
 
 /// `cors.*`: browser clients (e.g. the MCP Inspector in a browser).
@@ -194,6 +268,7 @@ pub struct Introspection {
 /// `exchange.*`
 #[derive(Debug, Clone, Serialize)]
 pub struct Exchange {
+    pub grant: Grant,
     pub token_endpoint: Option<Url>,
     pub issuer: String,
     pub client_id: String,
@@ -360,17 +435,28 @@ pub fn apply(mut raw: RawConfig, o: &Options) -> RawConfig {
     set(&mut raw.admin_listen, &o.admin_listen);
     set(&mut raw.mode, &o.mode);
     set(&mut raw.upstream.url, &o.upstream);
-    set(&mut raw.inbound.issuer, &o.issuer);
-    set_list(&mut raw.inbound.audiences, &o.audience);
-    set(&mut raw.exchange.token_endpoint, &o.token_endpoint);
-    set(&mut raw.exchange.client_id, &o.client_id);
-    set(
-        &mut raw.exchange.client_auth.secret_file,
-        &o.client_secret_file,
-    );
-    set_list(&mut raw.exchange.audience, &o.exchange_audience);
-    set_list(&mut raw.exchange.resource, &o.exchange_resource);
-    set(&mut raw.exchange.scope, &o.exchange_scope);
+    // The inbound and exchange options write into the top-level sections (creating them):
+    // with `profiles`, that is a conflict validation reports.
+    if o.issuer.is_some() || !o.audience.is_empty() {
+        let i = raw.inbound.get_or_insert_with(Default::default);
+        set(&mut i.issuer, &o.issuer);
+        set_list(&mut i.audiences, &o.audience);
+    }
+    let exchange_options = o.token_endpoint.is_some()
+        || o.client_id.is_some()
+        || o.client_secret_file.is_some()
+        || !o.exchange_audience.is_empty()
+        || !o.exchange_resource.is_empty()
+        || o.exchange_scope.is_some();
+    if exchange_options {
+        let e = raw.exchange.get_or_insert_with(Default::default);
+        set(&mut e.token_endpoint, &o.token_endpoint);
+        set(&mut e.client_id, &o.client_id);
+        set(&mut e.client_auth.secret_file, &o.client_secret_file);
+        set_list(&mut e.audience, &o.exchange_audience);
+        set_list(&mut e.resource, &o.exchange_resource);
+        set(&mut e.scope, &o.exchange_scope);
+    }
     set(&mut raw.log.format, &o.log_format);
     set(&mut raw.log.level, &o.log_level);
     raw
@@ -567,167 +653,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         DEFAULT_POOL_IDLE_TIMEOUT,
     );
 
-    // inbound
-    let i = &raw.inbound;
-    let issuer = c
-        .required("inbound.issuer", i.issuer.as_deref())
-        .map(String::from);
-    if let Some(iss) = &issuer
-        && i.discovery_url.is_none()
-    {
-        // Discovery is derived from the issuer, so it must be a usable URL.
-        c.url("inbound.issuer", iss, idp);
-    }
-    let discovery_url = c.opt_url("inbound.discovery_url", i.discovery_url.as_deref(), idp);
-    let jwks_uri = c.opt_url("inbound.jwks_uri", i.jwks_uri.as_deref(), idp);
-    let audiences = i.audiences.clone().unwrap_or_default();
-    if audiences.iter().all(|a| a.trim().is_empty()) {
-        c.problem(
-            "inbound.audiences",
-            "required (at least one accepted audience)",
-        );
-    }
-    let mut algorithms = Vec::new();
-    let names: Vec<String> = match &i.algorithms {
-        Some(v) => v.clone(),
-        None => DEFAULT_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
-    };
-    for name in &names {
-        match parse_algorithm(name) {
-            Ok(a) => algorithms.push(a),
-            Err(why) => c.problem("inbound.algorithms", format!("{name}: {why}")),
-        }
-    }
-    if names.is_empty() {
-        c.problem("inbound.algorithms", "must list at least one algorithm");
-    }
-    let leeway = c.duration("inbound.leeway", i.leeway.as_deref(), DEFAULT_LEEWAY);
-    let max_token_bytes = i.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
-    if max_token_bytes == 0 {
-        c.problem("inbound.max_token_bytes", "must be greater than 0");
-    }
-    let introspection = i.introspection.as_ref().map(|ri| Introspection {
-        endpoint: c.opt_url(
-            "inbound.introspection.endpoint",
-            ri.endpoint.as_deref(),
-            idp,
-        ),
-        client_id: c
-            .required("inbound.introspection.client_id", ri.client_id.as_deref())
-            .unwrap_or_default()
-            .to_string(),
-        client_secret_file: ri.client_secret_file.as_ref().map(PathBuf::from),
-    });
-    let stream_lifetime = match i.stream_lifetime.as_deref() {
-        None | Some("token") => StreamLifetime::Token,
-        Some("unlimited") => StreamLifetime::Unlimited,
-        Some(_) => {
-            c.problem("inbound.stream_lifetime", "must be token or unlimited");
-            StreamLifetime::Token
-        }
-    };
-    let public_paths = i.public_paths.clone().unwrap_or_default();
-    for p in &public_paths {
-        if !p.starts_with('/') {
-            c.problem("inbound.public_paths", "each entry must start with /");
-        } else if covers_every_path(p) {
-            c.problem(
-                "inbound.public_paths",
-                "an entry of slashes only makes every path public, turning authentication off; list narrow prefixes such as /health",
-            );
-        }
-    }
-
-    // exchange
-    let e = &raw.exchange;
-    let exchange = match mode {
-        Mode::Passthrough => None,
-        Mode::Exchange => {
-            let client_id = c
-                .required("exchange.client_id", e.client_id.as_deref())
-                .unwrap_or_default()
-                .to_string();
-            let token_endpoint =
-                c.opt_url("exchange.token_endpoint", e.token_endpoint.as_deref(), idp);
-            let ex_issuer = e
-                .issuer
-                .clone()
-                .or_else(|| issuer.clone())
-                .unwrap_or_default();
-            if token_endpoint.is_none() && e.issuer.is_some() {
-                c.url("exchange.issuer", &ex_issuer, idp);
-            }
-            let client_auth = client_auth(&mut c, &raw.exchange.client_auth);
-            let scope = e.scope.clone().filter(|s| !s.trim().is_empty());
-            let extra_params = e.extra_params.clone().unwrap_or_default();
-            for k in extra_params.keys() {
-                if RESERVED_EXCHANGE_PARAMS.contains(&k.as_str()) {
-                    c.problem(
-                        "exchange.extra_params",
-                        format!("{k} is set by the proxy and may not be overridden"),
-                    );
-                }
-            }
-            let timeout = c.duration(
-                "exchange.timeout",
-                e.timeout.as_deref(),
-                DEFAULT_EXCHANGE_TIMEOUT,
-            );
-            if timeout.is_zero() {
-                c.problem("exchange.timeout", "must be greater than 0");
-            }
-            let max_concurrent = e.max_concurrent.unwrap_or(DEFAULT_EXCHANGE_MAX_CONCURRENT);
-            if max_concurrent == 0 {
-                c.problem("exchange.max_concurrent", "must be at least 1");
-            }
-            let negative_ttl = c.duration(
-                "exchange.negative_ttl",
-                e.negative_ttl.as_deref(),
-                DEFAULT_NEGATIVE_TTL,
-            );
-            let verify_issued = match e.verify_issued.as_deref() {
-                None | Some("auto") => VerifyIssued::Auto,
-                Some("always") => VerifyIssued::Always,
-                Some("never") => VerifyIssued::Never,
-                Some(_) => {
-                    c.problem("exchange.verify_issued", "must be auto, always or never");
-                    VerifyIssued::Auto
-                }
-            };
-            for r in e.resource.iter().flatten() {
-                // RFC 8707 §2: an absolute URI without a fragment.
-                match Url::parse(r) {
-                    Ok(u) if u.fragment().is_none() => {}
-                    _ => c.problem(
-                        "exchange.resource",
-                        "each entry must be an absolute URI without a fragment",
-                    ),
-                }
-            }
-            Some(Exchange {
-                token_endpoint,
-                issuer: ex_issuer,
-                client_id,
-                client_auth,
-                audience: e.audience.clone().unwrap_or_default(),
-                resource: e.resource.clone().unwrap_or_default(),
-                scope,
-                subject_token_type: e
-                    .subject_token_type
-                    .clone()
-                    .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
-                requested_token_type: e
-                    .requested_token_type
-                    .clone()
-                    .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
-                extra_params,
-                timeout,
-                max_concurrent,
-                negative_ttl,
-                verify_issued,
-            })
-        }
-    };
+    let profiles = Profiles(profiles(&mut c, &raw, mode, idp));
 
     let idp_tls = IdpTls {
         ca_file: raw.idp_tls.ca_file.as_ref().map(PathBuf::from),
@@ -777,7 +703,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         authorization_servers: pr
             .authorization_servers
             .clone()
-            .unwrap_or_else(|| issuer.iter().cloned().collect()),
+            .unwrap_or_else(|| profiles.iter().map(|p| p.inbound.issuer.clone()).collect()),
         scopes_supported: pr.scopes_supported.clone().unwrap_or_default(),
     };
 
@@ -815,7 +741,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             problems: c.problems,
         });
     }
-    let (Some(url), Some(issuer)) = (upstream_url, issuer) else {
+    let (Some(url), false) = (upstream_url, profiles.is_empty()) else {
         // Unreachable: a missing required value was recorded as a problem above.
         return Err(ConfigError {
             problems: vec![Problem {
@@ -839,20 +765,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             pool_idle_timeout,
             preserve_host: u.preserve_host.unwrap_or(false),
         },
-        inbound: Inbound {
-            issuer,
-            discovery_url,
-            jwks_uri,
-            audiences,
-            algorithms,
-            leeway,
-            required_scopes: i.required_scopes.clone().unwrap_or_default(),
-            max_token_bytes,
-            introspection,
-            public_paths,
-            stream_lifetime,
-        },
-        exchange,
+        profiles,
         idp_tls,
         cache,
         protected_resource,
@@ -861,11 +774,330 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     })
 }
 
+/// The `inbound` section (of a profile: `prefix` names it in problems, e.g.
+/// `profiles.corp.`). `None` without an issuer (a problem is recorded).
+fn inbound_section(
+    c: &mut Checker,
+    prefix: &str,
+    i: &raw::RawInbound,
+    idp: Option<bool>,
+) -> Option<Inbound> {
+    let k = |key: &str| format!("{prefix}{key}");
+    let issuer = c
+        .required(&k("inbound.issuer"), i.issuer.as_deref())
+        .map(String::from);
+    if let Some(iss) = &issuer
+        && i.discovery_url.is_none()
+    {
+        // Discovery is derived from the issuer, so it must be a usable URL.
+        c.url(&k("inbound.issuer"), iss, idp);
+    }
+    let discovery_url = c.opt_url(&k("inbound.discovery_url"), i.discovery_url.as_deref(), idp);
+    let jwks_uri = c.opt_url(&k("inbound.jwks_uri"), i.jwks_uri.as_deref(), idp);
+    let audiences = i.audiences.clone().unwrap_or_default();
+    if audiences.iter().all(|a| a.trim().is_empty()) {
+        c.problem(
+            &k("inbound.audiences"),
+            "required (at least one accepted audience)",
+        );
+    }
+    let mut algorithms = Vec::new();
+    let names: Vec<String> = match &i.algorithms {
+        Some(v) => v.clone(),
+        None => DEFAULT_ALGORITHMS.iter().map(|s| s.to_string()).collect(),
+    };
+    for name in &names {
+        match parse_algorithm(name) {
+            Ok(a) => algorithms.push(a),
+            Err(why) => c.problem(&k("inbound.algorithms"), format!("{name}: {why}")),
+        }
+    }
+    if names.is_empty() {
+        c.problem(&k("inbound.algorithms"), "must list at least one algorithm");
+    }
+    let leeway = c.duration(&k("inbound.leeway"), i.leeway.as_deref(), DEFAULT_LEEWAY);
+    let max_token_bytes = i.max_token_bytes.unwrap_or(DEFAULT_MAX_TOKEN_BYTES);
+    if max_token_bytes == 0 {
+        c.problem(&k("inbound.max_token_bytes"), "must be greater than 0");
+    }
+    let introspection = i.introspection.as_ref().map(|ri| Introspection {
+        endpoint: c.opt_url(
+            &k("inbound.introspection.endpoint"),
+            ri.endpoint.as_deref(),
+            idp,
+        ),
+        client_id: c
+            .required(
+                &k("inbound.introspection.client_id"),
+                ri.client_id.as_deref(),
+            )
+            .unwrap_or_default()
+            .to_string(),
+        client_secret_file: ri.client_secret_file.as_ref().map(PathBuf::from),
+    });
+    let stream_lifetime = match i.stream_lifetime.as_deref() {
+        None | Some("token") => StreamLifetime::Token,
+        Some("unlimited") => StreamLifetime::Unlimited,
+        Some(_) => {
+            c.problem(&k("inbound.stream_lifetime"), "must be token or unlimited");
+            StreamLifetime::Token
+        }
+    };
+    let public_paths = i.public_paths.clone().unwrap_or_default();
+    for p in &public_paths {
+        if !p.starts_with('/') {
+            c.problem(&k("inbound.public_paths"), "each entry must start with /");
+        } else if covers_every_path(p) {
+            c.problem(
+                &k("inbound.public_paths"),
+                "an entry of slashes only makes every path public, turning authentication off; list narrow prefixes such as /health",
+            );
+        }
+    }
+
+    Some(Inbound {
+        issuer: issuer?,
+        discovery_url,
+        jwks_uri,
+        audiences,
+        algorithms,
+        leeway,
+        required_scopes: i.required_scopes.clone().unwrap_or_default(),
+        max_token_bytes,
+        introspection,
+        public_paths,
+        stream_lifetime,
+    })
+}
+
+/// The `exchange` section (of a profile: `prefix` names it in problems); its issuer defaults
+/// to `inbound_issuer`.
+fn exchange_section(
+    c: &mut Checker,
+    prefix: &str,
+    e: &raw::RawExchange,
+    inbound_issuer: &str,
+    idp: Option<bool>,
+) -> Exchange {
+    let k = |key: &str| format!("{prefix}{key}");
+    let client_id = c
+        .required(&k("exchange.client_id"), e.client_id.as_deref())
+        .unwrap_or_default()
+        .to_string();
+    let token_endpoint = c.opt_url(
+        &k("exchange.token_endpoint"),
+        e.token_endpoint.as_deref(),
+        idp,
+    );
+    let ex_issuer = e
+        .issuer
+        .clone()
+        .unwrap_or_else(|| inbound_issuer.to_owned());
+    if token_endpoint.is_none() && e.issuer.is_some() {
+        c.url(&k("exchange.issuer"), &ex_issuer, idp);
+    }
+    let client_auth = client_auth(c, prefix, &e.client_auth);
+    let scope = e.scope.clone().filter(|s| !s.trim().is_empty());
+    let extra_params = e.extra_params.clone().unwrap_or_default();
+    for name in extra_params.keys() {
+        if RESERVED_EXCHANGE_PARAMS.contains(&name.as_str()) {
+            c.problem(
+                &k("exchange.extra_params"),
+                format!("{name} is set by the proxy and may not be overridden"),
+            );
+        }
+    }
+    let timeout = c.duration(
+        &k("exchange.timeout"),
+        e.timeout.as_deref(),
+        DEFAULT_EXCHANGE_TIMEOUT,
+    );
+    if timeout.is_zero() {
+        c.problem(&k("exchange.timeout"), "must be greater than 0");
+    }
+    let max_concurrent = e.max_concurrent.unwrap_or(DEFAULT_EXCHANGE_MAX_CONCURRENT);
+    if max_concurrent == 0 {
+        c.problem(&k("exchange.max_concurrent"), "must be at least 1");
+    }
+    let negative_ttl = c.duration(
+        &k("exchange.negative_ttl"),
+        e.negative_ttl.as_deref(),
+        DEFAULT_NEGATIVE_TTL,
+    );
+    let verify_issued = match e.verify_issued.as_deref() {
+        None | Some("auto") => VerifyIssued::Auto,
+        Some("always") => VerifyIssued::Always,
+        Some("never") => VerifyIssued::Never,
+        Some(_) => {
+            c.problem(
+                &k("exchange.verify_issued"),
+                "must be auto, always or never",
+            );
+            VerifyIssued::Auto
+        }
+    };
+    for r in e.resource.iter().flatten() {
+        // RFC 8707 §2: an absolute URI without a fragment.
+        match Url::parse(r) {
+            Ok(u) if u.fragment().is_none() => {}
+            _ => c.problem(
+                &k("exchange.resource"),
+                "each entry must be an absolute URI without a fragment",
+            ),
+        }
+    }
+    let grant = match e.grant.as_deref() {
+        None | Some("token_exchange") => Grant::TokenExchange,
+        Some("jwt_bearer_obo") => Grant::JwtBearerObo,
+        Some(_) => {
+            c.problem(
+                &k("exchange.grant"),
+                "must be token_exchange or jwt_bearer_obo",
+            );
+            Grant::TokenExchange
+        }
+    };
+    if grant == Grant::JwtBearerObo {
+        if scope.is_none() {
+            c.problem(
+                &k("exchange.scope"),
+                "required with grant jwt_bearer_obo (the scope of the backend's API, e.g. api://backend/.default)",
+            );
+        }
+        for (key, set) in [
+            ("exchange.audience", &e.audience),
+            ("exchange.resource", &e.resource),
+        ] {
+            if set.as_ref().is_some_and(|v| !v.is_empty()) {
+                c.problem(
+                    &k(key),
+                    "not sent with grant jwt_bearer_obo: exchange.scope names the backend's API",
+                );
+            }
+        }
+    }
+    Exchange {
+        grant,
+        token_endpoint,
+        issuer: ex_issuer,
+        client_id,
+        client_auth,
+        audience: e.audience.clone().unwrap_or_default(),
+        resource: e.resource.clone().unwrap_or_default(),
+        scope,
+        subject_token_type: e
+            .subject_token_type
+            .clone()
+            .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
+        requested_token_type: e
+            .requested_token_type
+            .clone()
+            .unwrap_or_else(|| ACCESS_TOKEN_TYPE.into()),
+        extra_params,
+        timeout,
+        max_concurrent,
+        negative_ttl,
+        verify_issued,
+    }
+}
+
+/// The profiles: the named ones of `profiles`, or the one made of the top-level `inbound`
+/// and `exchange` sections (named `""`). Problems name the profile's keys
+/// (`profiles.corp.inbound.issuer`).
+fn profiles(c: &mut Checker, raw: &RawConfig, mode: Mode, idp: Option<bool>) -> Vec<Profile> {
+    let build =
+        |c: &mut Checker, name: &str, prefix: &str, ri: &raw::RawInbound, re: &raw::RawExchange| {
+            // Both sections are checked even when the first fails, so that every problem is
+            // reported at once.
+            let inbound = inbound_section(c, prefix, ri, idp);
+            let issuer = inbound.as_ref().map_or("", |i| i.issuer.as_str());
+            let exchange = match mode {
+                Mode::Passthrough => None,
+                Mode::Exchange => Some(exchange_section(c, prefix, re, issuer, idp)),
+            };
+            Some(Profile {
+                name: name.to_owned(),
+                inbound: inbound?,
+                exchange,
+            })
+        };
+    let Some(list) = &raw.profiles else {
+        let (ri, re) = (
+            raw.inbound.clone().unwrap_or_default(),
+            raw.exchange.clone().unwrap_or_default(),
+        );
+        return build(c, "", "", &ri, &re).into_iter().collect();
+    };
+    if raw.inbound.is_some() {
+        c.problem(
+            "profiles",
+            "cannot be combined with a top-level inbound section: put it in a profile",
+        );
+    }
+    if raw.exchange.is_some() {
+        c.problem(
+            "profiles",
+            "cannot be combined with a top-level exchange section: put it in a profile",
+        );
+    }
+    if list.is_empty() {
+        c.problem("profiles", "must list at least one profile");
+    }
+    let mut out: Vec<Profile> = Vec::new();
+    for (n, rp) in list.iter().enumerate() {
+        let name = rp.name.clone().unwrap_or_default();
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            c.problem(
+                &format!("profiles[{n}].name"),
+                "required, and only of a-z, 0-9 and - (it is a metric label)",
+            );
+            continue;
+        }
+        if out.iter().any(|p| p.name == name) {
+            c.problem(&format!("profiles.{name}.name"), "duplicate profile name");
+            continue;
+        }
+        let prefix = format!("profiles.{name}.");
+        let ri = rp.inbound.clone().unwrap_or_default();
+        let re = rp.exchange.clone().unwrap_or_default();
+        if let Some(profile) = build(c, &name, &prefix, &ri, &re) {
+            if out
+                .iter()
+                .any(|p| p.inbound.issuer == profile.inbound.issuer)
+            {
+                c.problem(
+                    &format!("{prefix}inbound.issuer"),
+                    "another profile has this issuer: a token's iss must pick one profile",
+                );
+            }
+            out.push(profile);
+        }
+    }
+    if out
+        .iter()
+        .filter(|p| p.inbound.introspection.is_some())
+        .count()
+        > 1
+    {
+        c.problem(
+            "profiles",
+            "at most one profile may configure inbound.introspection (opaque tokens go to it)",
+        );
+    }
+    out
+}
+
 /// Form parameters the proxy sets itself; `exchange.extra_params` may not name them
 /// (RFC 8693 §2.1, RFC 6749 §2.3.1, RFC 7521 §4.2).
 pub const RESERVED_EXCHANGE_PARAMS: &[&str] = &[
     "grant_type",
     "subject_token",
+    "assertion",
+    "requested_token_use",
     "subject_token_type",
     "actor_token",
     "actor_token_type",
@@ -951,9 +1183,12 @@ fn parse_algorithm(name: &str) -> Result<jsonwebtoken::Algorithm, &'static str> 
     })
 }
 
-fn client_auth(c: &mut Checker, a: &raw::RawClientAuth) -> ClientAuth {
+fn client_auth(c: &mut Checker, prefix: &str, a: &raw::RawClientAuth) -> ClientAuth {
     let file = |c: &mut Checker, key: &str, v: &Option<String>| -> PathBuf {
-        PathBuf::from(c.required(key, v.as_deref()).unwrap_or_default())
+        PathBuf::from(
+            c.required(&format!("{prefix}{key}"), v.as_deref())
+                .unwrap_or_default(),
+        )
     };
     match a.method.as_deref().unwrap_or("client_secret_basic") {
         "client_secret_basic" => ClientAuth::ClientSecretBasic {
@@ -976,7 +1211,7 @@ fn client_auth(c: &mut Checker, a: &raw::RawClientAuth) -> ClientAuth {
         "none" => ClientAuth::None,
         _ => {
             c.problem(
-                "exchange.client_auth.method",
+                &format!("{prefix}exchange.client_auth.method"),
                 "must be client_secret_basic, client_secret_post, private_key_jwt, client_assertion_file or none",
             );
             ClientAuth::None

@@ -19,10 +19,9 @@ pub struct RawConfig {
     pub cors: Option<RawCors>,
     #[serde(default)]
     pub upstream: RawUpstream,
-    #[serde(default)]
-    pub inbound: RawInbound,
-    #[serde(default)]
-    pub exchange: RawExchange,
+    pub inbound: Option<RawInbound>,
+    pub exchange: Option<RawExchange>,
+    pub profiles: Option<Vec<RawProfile>>,
     #[serde(default)]
     pub idp_tls: RawIdpTls,
     #[serde(default)]
@@ -33,6 +32,14 @@ pub struct RawConfig {
     pub shutdown: RawShutdown,
     #[serde(default)]
     pub log: RawLog,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    pub name: Option<String>,
+    pub inbound: Option<RawInbound>,
+    pub exchange: Option<RawExchange>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
@@ -80,6 +87,7 @@ pub struct RawIntrospection {
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawExchange {
+    pub grant: Option<String>,
     pub token_endpoint: Option<String>,
     pub issuer: Option<String>,
     pub client_id: Option<String>,

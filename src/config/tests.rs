@@ -33,9 +33,9 @@ fn example_config_is_valid() {
     let config = load(&options).expect("example.yaml is valid");
     assert_eq!(config.mode, Mode::Exchange);
     assert_eq!(config.upstream.url.as_str(), "http://127.0.0.1:8000/");
-    assert_eq!(config.inbound.audiences, vec!["mcp-server"]);
+    assert_eq!(config.inbound().audiences, vec!["mcp-server"]);
     assert_eq!(
-        config.exchange.expect("exchange mode").audience,
+        config.exchange().expect("exchange mode").audience,
         vec!["nextcloud"]
     );
 }
@@ -51,7 +51,7 @@ fn defaults_apply_when_keys_are_absent() {
     assert_eq!(config.cache.max_ttl, DEFAULT_CACHE_MAX_TTL);
     assert_eq!(config.shutdown.drain_delay, DEFAULT_DRAIN_DELAY);
     assert_eq!(config.log.format, LogFormat::Json);
-    assert_eq!(config.inbound.algorithms.len(), DEFAULT_ALGORITHMS.len());
+    assert_eq!(config.inbound().algorithms.len(), DEFAULT_ALGORITHMS.len());
     assert_eq!(
         config.protected_resource.authorization_servers,
         vec!["https://idp.example.com/realms/mcp"]
@@ -149,7 +149,7 @@ fn required_keys_are_named_when_missing() {
 fn passthrough_mode_needs_no_exchange_client() {
     let yaml = "mode: passthrough\nupstream: {url: 'http://127.0.0.1:8000'}\ninbound: {issuer: 'https://idp', audiences: [a]}";
     let config = load_str(yaml, &Options::default()).expect("valid");
-    assert!(config.exchange.is_none());
+    assert!(config.exchange().is_none());
 }
 
 #[test]
@@ -228,7 +228,7 @@ fn a_public_path_covering_every_path_is_refused() {
     }
     let yaml = with_inbound("public_paths: ['/health', '/static/', '/.well-known/x']");
     let config = load_str(&yaml, &Options::default()).expect("narrow public paths are valid");
-    assert_eq!(config.inbound.public_paths.len(), 3);
+    assert_eq!(config.inbound().public_paths.len(), 3);
 }
 
 #[test]
@@ -329,4 +329,105 @@ fn durations_above_thirty_days_are_refused_naming_the_key() {
             load_str(&yaml, &Options::default()).expect("30 days is accepted");
         }
     }
+}
+
+const TWO_PROFILES: &str = "
+upstream: {url: 'http://127.0.0.1:8000'}
+profiles:
+  - name: corp
+    inbound: {issuer: 'https://corp.example.com', audiences: [mcp-server]}
+    exchange: {client_id: txp, client_auth: {secret_file: /run/corp}, audience: [nextcloud]}
+  - name: partner
+    inbound: {issuer: 'https://partner.example.com', audiences: [mcp]}
+    exchange: {client_id: txp-p, client_auth: {secret_file: /run/partner}}
+";
+
+#[test]
+fn profiles_are_read_in_order_with_their_own_sections() {
+    let config = load_str(TWO_PROFILES, &Options::default()).expect("valid");
+    let names: Vec<&str> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["corp", "partner"]);
+    assert_eq!(config.profiles[1].inbound.audiences, vec!["mcp"]);
+    let partner = config.profiles[1].exchange.as_ref().expect("exchange mode");
+    assert_eq!(partner.client_id, "txp-p");
+    assert_eq!(partner.issuer, "https://partner.example.com");
+    // Every profile's issuer is announced in the metadata.
+    assert_eq!(
+        config.protected_resource.authorization_servers,
+        vec!["https://corp.example.com", "https://partner.example.com"]
+    );
+}
+
+#[test]
+fn the_one_profile_form_has_a_single_unnamed_profile() {
+    let config = load_str(MINIMAL, &Options::default()).expect("valid");
+    assert_eq!(config.profiles.len(), 1);
+    assert_eq!(config.profiles[0].name, "");
+}
+
+#[test]
+fn problems_inside_a_profile_name_the_profile() {
+    let yaml = TWO_PROFILES.replace("audiences: [mcp]", "audiences: []");
+    let err = load_str(&yaml, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["profiles.partner.inbound.audiences"]);
+}
+
+#[test]
+fn profiles_beside_a_top_level_section_are_refused() {
+    let yaml =
+        format!("{TWO_PROFILES}inbound: {{issuer: 'https://x.example.com', audiences: [a]}}\n");
+    let err = load_str(&yaml, &Options::default()).expect_err("invalid");
+    assert!(
+        err.to_string()
+            .contains("profiles: cannot be combined with a top-level inbound"),
+        "{err}"
+    );
+}
+
+#[test]
+fn profile_names_must_be_unique_labels() {
+    let duplicate = TWO_PROFILES.replace("name: partner", "name: corp");
+    let err = load_str(&duplicate, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["profiles.corp.name"]);
+    let upper = TWO_PROFILES.replace("name: partner", "name: Partner");
+    let err = load_str(&upper, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["profiles[1].name"]);
+}
+
+#[test]
+fn two_profiles_may_not_share_an_issuer_or_both_introspect() {
+    let same = TWO_PROFILES.replace("https://partner.example.com", "https://corp.example.com");
+    let err = load_str(&same, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["profiles.partner.inbound.issuer"]);
+    let introspect = "introspection: {endpoint: 'https://corp.example.com/introspect', client_id: rs, client_secret_file: /run/i}";
+    let both = TWO_PROFILES
+        .replace(
+            "audiences: [mcp-server]",
+            &format!("audiences: [mcp-server], {introspect}"),
+        )
+        .replace(
+            "audiences: [mcp]",
+            &format!("audiences: [mcp], {introspect}"),
+        );
+    let err = load_str(&both, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["profiles"]);
+}
+
+#[test]
+fn the_obo_grant_needs_a_scope() {
+    let obo = MINIMAL.replace("client_id: txp", "client_id: txp\n  grant: jwt_bearer_obo");
+    let err = load_str(&obo, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["exchange.scope"]);
+    let scoped = obo.replace(
+        "grant: jwt_bearer_obo",
+        "grant: jwt_bearer_obo\n  scope: api://backend/.default",
+    );
+    let config = load_str(&scoped, &Options::default()).expect("valid");
+    assert_eq!(
+        config.exchange().expect("exchange mode").grant,
+        Grant::JwtBearerObo
+    );
+    let unknown = MINIMAL.replace("client_id: txp", "client_id: txp\n  grant: saml");
+    let err = load_str(&unknown, &Options::default()).expect_err("invalid");
+    assert_eq!(keys(&err), ["exchange.grant"]);
 }

@@ -1,13 +1,15 @@
 //! The exchanged-token cache: key derivation and entry lifetimes (README "Caches, refreshes and the IdP circuit").
 //!
-//! **Key.** A SHA-256 digest over length-prefixed fields: a domain tag, every parameter of
-//! the exchange (issuer, configured token endpoint, client id, token types, audiences,
-//! resources, scope, extra parameters), then the subject token. The parameter part is encoded
-//! once into a [`KeyDeriver`]; a lookup appends the subject token and hashes the whole in one
-//! call (one pass over the token, no digest state to copy). Every field is prefixed with its
-//! length and every list with its count, so no two different inputs encode to the same bytes
-//! (`["ab"]` and `["a", "b"]` differ). Inside the cache the key is hashed by [`KeyHasher`]:
-//! it is already a digest, so a seeded fold of its bytes is enough.
+//! **Key.** A SHA-256 digest over length-prefixed fields: a domain tag, the profile, every
+//! parameter of the exchange (grant, issuer, configured token endpoint, client id, token
+//! types, audiences, resources, scope, extra parameters), then the subject token, which
+//! enters as its own SHA-256 digest: a request's token is hashed once, and that digest serves
+//! the lookups of every profile and the validator's decision cache alike. The parameter part
+//! is hashed once into a [`KeyDeriver`]; a lookup finishes that hash with the subject's
+//! digest (one block). Every field is prefixed with its length and every list with its count,
+//! so no two different inputs encode to the same bytes (`["ab"]` and `["a", "b"]` differ).
+//! Inside the cache the key is hashed by [`KeyHasher`]: it is already a digest, so a seeded
+//! fold of its bytes is enough.
 //!
 //! **Lifetime.** An entry lives until the earliest of the IdP's `expires_in` (or the issued
 //! token's `exp`), the subject token's `exp` and `cache.max_ttl`; it is served only until
@@ -33,12 +35,14 @@ use crate::inbound::Principal;
 pub type CacheKey = [u8; 32];
 
 /// Separates this digest from any other SHA-256 use; bump the version if the layout changes.
-const KEY_DOMAIN: &[u8] = b"token-exchange-proxy/exchange-cache/v1";
+const KEY_DOMAIN: &[u8] = b"token-exchange-proxy/exchange-cache/v2";
 
-/// The encoded exchange parameters, to which each lookup appends its subject token.
+/// The exchange parameters, hashed once; each lookup finishes the hash with its subject
+/// token's digest.
 #[derive(Clone)]
 pub(crate) struct KeyDeriver {
-    prefix: Vec<u8>,
+    /// SHA-256 with the parameter fields already absorbed.
+    params: digest::Context,
 }
 
 impl std::fmt::Debug for KeyDeriver {
@@ -47,70 +51,76 @@ impl std::fmt::Debug for KeyDeriver {
     }
 }
 
-thread_local! {
-    /// Scratch space for prefix + subject, reused so that a lookup does not allocate.
-    static KEY_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+impl KeyDeriver {
+    /// Encodes `profile` and every parameter of `config` that goes into the token request.
+    pub(crate) fn new(config: &Exchange, profile: &str) -> Self {
+        let mut params = digest::Context::new(&digest::SHA256);
+        params.update(&encode(config, profile));
+        Self { params }
+    }
+
+    /// The key for a subject token under these parameters.
+    pub(crate) fn key(&self, subject: &[u8]) -> CacheKey {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(digest::digest(&digest::SHA256, subject).as_ref());
+        self.key_of(&d)
+    }
+
+    /// The key for the subject token whose SHA-256 digest is `subject_digest`. Kept out of
+    /// line (one call per request) so that profiles name it (`benches/profile.sh`).
+    #[inline(never)]
+    pub(crate) fn key_of(&self, subject_digest: &[u8; 32]) -> CacheKey {
+        let mut ctx = self.params.clone();
+        let mut tail = [0u8; 40];
+        tail[..8].copy_from_slice(&32u64.to_be_bytes());
+        tail[8..].copy_from_slice(subject_digest);
+        ctx.update(&tail);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ctx.finish().as_ref());
+        key
+    }
 }
 
-impl KeyDeriver {
-    /// Encodes every parameter of `config` that goes into the token request.
-    pub(crate) fn new(config: &Exchange) -> Self {
-        let mut out = Vec::new();
-        field(&mut out, KEY_DOMAIN);
-        field(&mut out, config.issuer.as_bytes());
-        optional(
-            &mut out,
-            config
-                .token_endpoint
-                .as_ref()
-                .map(|u| u.as_str().as_bytes()),
-        );
-        field(&mut out, config.client_id.as_bytes());
-        field(&mut out, config.subject_token_type.as_bytes());
-        field(&mut out, config.requested_token_type.as_bytes());
-        list(
-            &mut out,
-            config.audience.iter().map(String::as_bytes),
-            config.audience.len(),
-        );
-        list(
-            &mut out,
-            config.resource.iter().map(String::as_bytes),
-            config.resource.len(),
-        );
-        optional(&mut out, config.scope.as_deref().map(str::as_bytes));
-        count(&mut out, config.extra_params.len());
-        for (k, v) in &config.extra_params {
-            field(&mut out, k.as_bytes());
-            field(&mut out, v.as_bytes());
-        }
-        Self { prefix: out }
+/// The length-prefixed parameter fields of [`KeyDeriver`].
+fn encode(config: &Exchange, profile: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    field(&mut out, KEY_DOMAIN);
+    field(&mut out, profile.as_bytes());
+    field(
+        &mut out,
+        match config.grant {
+            crate::config::Grant::TokenExchange => b"token_exchange",
+            crate::config::Grant::JwtBearerObo => b"jwt_bearer_obo",
+        },
+    );
+    field(&mut out, config.issuer.as_bytes());
+    optional(
+        &mut out,
+        config
+            .token_endpoint
+            .as_ref()
+            .map(|u| u.as_str().as_bytes()),
+    );
+    field(&mut out, config.client_id.as_bytes());
+    field(&mut out, config.subject_token_type.as_bytes());
+    field(&mut out, config.requested_token_type.as_bytes());
+    list(
+        &mut out,
+        config.audience.iter().map(String::as_bytes),
+        config.audience.len(),
+    );
+    list(
+        &mut out,
+        config.resource.iter().map(String::as_bytes),
+        config.resource.len(),
+    );
+    optional(&mut out, config.scope.as_deref().map(str::as_bytes));
+    count(&mut out, config.extra_params.len());
+    for (k, v) in &config.extra_params {
+        field(&mut out, k.as_bytes());
+        field(&mut out, v.as_bytes());
     }
-
-    /// The key for a subject token under these parameters. Kept out of line (one call per
-    /// request) so that profiles name it (`benches/profile.sh`).
-    #[inline(never)]
-    pub(crate) fn key(&self, subject: &[u8]) -> CacheKey {
-        let hash = |input: &[u8]| {
-            let mut key = [0u8; 32];
-            key.copy_from_slice(digest::digest(&digest::SHA256, input).as_ref());
-            key
-        };
-        KEY_INPUT.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut input) => {
-                input.clear();
-                input.extend_from_slice(&self.prefix);
-                field(&mut input, subject);
-                hash(&input)
-            }
-            // Not reentrant in practice; never panic if it ever were.
-            Err(_) => {
-                let mut input = self.prefix.clone();
-                field(&mut input, subject);
-                hash(&input)
-            }
-        })
-    }
+    out
 }
 
 fn count(out: &mut Vec<u8>, n: usize) {
@@ -234,6 +244,8 @@ pub(crate) struct CachedToken {
     pub(crate) trusted_until: Option<Instant>,
     /// [`Principal::key_epoch`] of that acceptance.
     pub(crate) key_epoch: u64,
+    /// [`Principal::profile`] of that acceptance.
+    pub(crate) profile: usize,
 }
 
 impl CachedToken {
@@ -255,6 +267,7 @@ impl CachedToken {
             subject_expires_at: None,
             trusted_until: None,
             key_epoch: 0,
+            profile: 0,
         }
     }
 
@@ -265,6 +278,7 @@ impl CachedToken {
             subject_expires_at: principal.expires_at,
             trusted_until: principal.trusted_until,
             key_epoch: principal.key_epoch,
+            profile: principal.profile,
             ..self
         }
     }
@@ -331,6 +345,7 @@ impl CachedToken {
             expires_at: self.subject_expires_at,
             trusted_until: self.trusted_until,
             key_epoch: self.key_epoch,
+            profile: self.profile,
         }
     }
 }
@@ -372,6 +387,7 @@ mod tests {
 
     fn config() -> Exchange {
         Exchange {
+            grant: crate::config::Grant::TokenExchange,
             token_endpoint: None,
             issuer: "https://idp.example.com".into(),
             client_id: "txp".into(),
@@ -392,13 +408,13 @@ mod tests {
     fn key_with(change: impl FnOnce(&mut Exchange), subject: &str) -> CacheKey {
         let mut c = config();
         change(&mut c);
-        KeyDeriver::new(&c).key(subject.as_bytes())
+        KeyDeriver::new(&c, "").key(subject.as_bytes())
     }
 
     #[test]
     fn same_parameters_and_subject_give_the_same_key() {
         assert_eq!(key_with(|_| {}, "token-a"), key_with(|_| {}, "token-a"));
-        let d = KeyDeriver::new(&config());
+        let d = KeyDeriver::new(&config(), "");
         assert_eq!(d.key(b"token-a"), d.clone().key(b"token-a"));
     }
 
@@ -479,15 +495,18 @@ mod tests {
 
     #[test]
     fn the_key_is_sha256_of_the_documented_encoding() {
-        // Written out by hand: domain, issuer, no endpoint, client id, token types, audiences,
-        // resources, scope, extra parameters, subject; lengths and counts as u64 big-endian.
+        // Written out by hand: domain, profile, grant, issuer, no endpoint, client id, token
+        // types, audiences, resources, scope, extra parameters, the subject's SHA-256; lengths
+        // and counts as u64 big-endian.
         fn f(out: &mut Vec<u8>, b: &[u8]) {
             out.extend_from_slice(&(b.len() as u64).to_be_bytes());
             out.extend_from_slice(b);
         }
         let c = config();
         let mut expected = Vec::new();
-        f(&mut expected, b"token-exchange-proxy/exchange-cache/v1");
+        f(&mut expected, b"token-exchange-proxy/exchange-cache/v2");
+        f(&mut expected, b"corp");
+        f(&mut expected, b"token_exchange");
         f(&mut expected, c.issuer.as_bytes());
         expected.push(0);
         f(&mut expected, b"txp");
@@ -499,10 +518,13 @@ mod tests {
         expected.push(1);
         f(&mut expected, b"notes.read");
         expected.extend_from_slice(&0u64.to_be_bytes());
-        f(&mut expected, b"the-subject-token");
+        f(
+            &mut expected,
+            digest::digest(&digest::SHA256, b"the-subject-token").as_ref(),
+        );
         let want = digest::digest(&digest::SHA256, &expected);
         assert_eq!(
-            &KeyDeriver::new(&c).key(b"the-subject-token")[..],
+            &KeyDeriver::new(&c, "corp").key(b"the-subject-token")[..],
             want.as_ref()
         );
     }
@@ -510,8 +532,8 @@ mod tests {
     #[test]
     fn keys_hash_alike_within_a_cache_and_differently_across_seeds() {
         use std::hash::BuildHasher;
-        let a = KeyDeriver::new(&config()).key(b"token-a");
-        let b = KeyDeriver::new(&config()).key(b"token-b");
+        let a = KeyDeriver::new(&config(), "").key(b"token-a");
+        let b = KeyDeriver::new(&config(), "").key(b"token-b");
         let one = KeyHasherBuilder { seed: 1 };
         let two = KeyHasherBuilder { seed: 2 };
         assert_eq!(one.hash_one(a), one.hash_one(a));

@@ -29,6 +29,7 @@ use tower::{Layer, Service};
 
 use super::{CacheStatus, Exchanged, Exchanger};
 use crate::error::{Denial, Responder, ResponseBody};
+use crate::inbound::cache::TokenDigest;
 use crate::inbound::{Principal, Recall, Validator, bearer_token};
 
 /// See the module documentation.
@@ -40,8 +41,8 @@ pub struct TokenExchangeLayer {
 
 #[derive(Debug)]
 struct Shared {
-    exchanger: Arc<Exchanger>,
-    validator: Arc<Validator>,
+    /// Per profile, in config order: its exchanger and its validator.
+    profiles: Box<[(Arc<Exchanger>, Arc<Validator>)]>,
     responder: Responder,
     max_token_bytes: usize,
 }
@@ -55,10 +56,27 @@ impl TokenExchangeLayer {
         responder: Responder,
         max_token_bytes: usize,
     ) -> Self {
+        Self::with_profiles(vec![exchanger], vec![validator], responder, max_token_bytes)
+    }
+
+    /// One exchanger and validator per profile (README "Several issuers"), in config order:
+    /// a token is exchanged by the exchanger of the profile that accepted it.
+    ///
+    /// # Panics
+    /// When the two lists are empty or differ in length.
+    pub fn with_profiles(
+        exchangers: Vec<Arc<Exchanger>>,
+        validators: Vec<Arc<Validator>>,
+        responder: Responder,
+        max_token_bytes: usize,
+    ) -> Self {
+        assert!(
+            !exchangers.is_empty() && exchangers.len() == validators.len(),
+            "one exchanger and one validator per profile"
+        );
         Self {
             shared: Arc::new(Shared {
-                exchanger,
-                validator,
+                profiles: exchangers.into_iter().zip(validators).collect(),
                 responder,
                 max_token_bytes,
             }),
@@ -126,21 +144,30 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.shared.clone();
         Either::Right(Box::pin(async move {
-            let exchanged = match bearer_token(req.headers(), layer.max_token_bytes) {
-                Ok(token) => {
-                    let key = layer.exchanger.key(token);
-                    let exchanged = layer
-                        .exchanger
-                        .exchange_keyed(token, &key, &principal)
-                        .await;
+            let exchanged = match (
+                bearer_token(req.headers(), layer.max_token_bytes),
+                layer.profiles.get(principal.profile),
+            ) {
+                (Ok(token), Some((exchanger, validator))) => {
+                    let key = exchanger.key(token);
+                    let exchanged = exchanger.exchange_keyed(token, &key, &principal).await;
                     if exchanged.is_err() {
                         // Boxed: its future is large, and only a failure pays for it.
-                        Box::pin(layer.validator.remember(token, &principal)).await;
+                        Box::pin(validator.remember(token, &principal)).await;
                     }
                     exchanged.map_err(Denial::Exchange)
                 }
                 // The token that was accepted is gone: never forward without one.
-                Err(denial) => Err(denial),
+                (Err(denial), _) => Err(denial),
+                // Accepted by a validator this layer was not given: nothing to exchange it
+                // with, so it goes no further.
+                (Ok(_), None) => {
+                    tracing::error!(
+                        profile = principal.profile,
+                        "no exchanger for the profile that accepted the token"
+                    );
+                    Err(Denial::Inbound(crate::inbound::InboundError::Unavailable))
+                }
             };
             match exchanged {
                 Ok(exchanged) => {
@@ -149,7 +176,12 @@ where
                     Ok(inner.call(req).await?.map(ResponseBody::inner))
                 }
                 Err(denial) => {
-                    let mut resp = layer.responder.deny(&denial, req.headers(), req.uri());
+                    let mut resp = layer.responder.deny_for(
+                        Some(principal.profile),
+                        &denial,
+                        req.headers(),
+                        req.uri(),
+                    );
                     // The access log names whose token it was.
                     resp.extensions_mut().insert(principal);
                     Ok(resp.map(ResponseBody::own))
@@ -170,8 +202,13 @@ fn swap_in<B>(req: &mut Request<B>, mut authorization: HeaderValue) {
 impl Recall for Arc<Exchanger> {
     type Recalled = Exchanged;
 
-    async fn recall(&self, token: &str, key_epoch: u64) -> Option<(Principal, Exchanged)> {
-        let key = self.key(token);
+    async fn recall(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+        key_epoch: u64,
+    ) -> Option<(Principal, Exchanged)> {
+        let key = self.key_of(digest);
         let entry = self.recall_entry(&key, key_epoch).await?;
         self.refresh_if_due(&key, token, &entry, tokio::time::Instant::now());
         Some((

@@ -47,7 +47,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::config::VerifyIssued;
-use crate::config::{Cache, Exchange};
+use crate::config::{Cache, Exchange, Grant};
 use crate::idp::{self, IdpClient, IdpError};
 use crate::inbound::claims::Claims;
 use crate::inbound::{Principal, Unverified, Validator};
@@ -134,6 +134,11 @@ pub enum ExchangeError {
     /// configured `exchange.scope`, the scope that was asked for.
     #[error("the IdP rejected the requested scope")]
     ScopeRejected { scope: Option<String> },
+    /// The IdP wants a token with more claims (Entra's Conditional Access): 401
+    /// `insufficient_claims` with the claims request, base64-encoded, for the client to
+    /// take to the IdP.
+    #[error("the IdP requires more claims")]
+    ClaimsRequired { claims: Arc<str> },
     /// The IdP refused the proxy's own credentials (or they could not be read): 502.
     #[error("the IdP rejected the proxy's client credentials")]
     ClientRejected,
@@ -197,6 +202,13 @@ impl Default for ExchangerOptions {
 
 /// Exchanges subject tokens, with a cache.
 pub struct Exchanger {
+    /// The profile this exchanger serves (its index in the config).
+    profile: usize,
+    /// `exchange.grant`.
+    grant: Grant,
+    /// Its `/readyz` items: the token endpoint unknown, and its client refused.
+    ready_endpoint: String,
+    ready_credentials: String,
     cache: Store,
     /// Subject tokens the IdP refused, remembered for `exchange.negative_ttl`.
     refusals: Refusals,
@@ -264,19 +276,46 @@ impl Exchanger {
         readiness: Arc<Readiness>,
         options: ExchangerOptions,
     ) -> Result<Self, SetupError> {
+        Self::for_profile(config, cache, idp, metrics, readiness, options, 0, "")
+    }
+
+    /// [`Exchanger::with_options`] for profile `index` named `name` (README "Several
+    /// issuers"): its cache keys include the name, its metrics carry it, and its `/readyz`
+    /// items are prefixed with it (`corp/token_endpoint`).
+    #[expect(clippy::too_many_arguments, reason = "one constructor for every form")]
+    pub fn for_profile(
+        config: &Exchange,
+        cache: &Cache,
+        idp: IdpClient,
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        options: ExchangerOptions,
+        index: usize,
+        name: &str,
+    ) -> Result<Self, SetupError> {
         let auth = ClientAuthenticator::new(&config.client_id, &config.client_auth)?;
         let endpoint = OnceLock::new();
+        let prefix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name}/")
+        };
+        let ready_endpoint = format!("{prefix}{READINESS_ITEM}");
         match &config.token_endpoint {
             Some(url) => {
                 let _ = endpoint.set(url.clone());
             }
-            None => readiness.pending(READINESS_ITEM),
+            None => readiness.pending(ready_endpoint.as_str()),
         }
         Ok(Self {
+            profile: index,
+            grant: config.grant,
+            ready_endpoint,
+            ready_credentials: format!("{prefix}{CREDENTIALS_REJECTED}"),
             cache: Store::new(cache.max_entries),
             refusals: Refusals::new(cache.max_entries, config.negative_ttl),
             calls: tokio::sync::Semaphore::new(config.max_concurrent),
-            keys: KeyDeriver::new(config),
+            keys: KeyDeriver::new(config, name),
             form: FormTemplate::new(config),
             auth,
             endpoint,
@@ -366,9 +405,10 @@ impl Exchanger {
     }
 
     /// Verifies every issued token with `keys`, the exchange issuer's, as
-    /// `config.verify_issued` asks (nothing with `never`).
+    /// `config.verify_issued` asks: nothing with `never`, nor with `auto` for On-Behalf-Of
+    /// ([`verifies_issued`]).
     pub fn verifying_issued_with(mut self, config: &Exchange, keys: Arc<Validator>) -> Self {
-        self.issued = (config.verify_issued != VerifyIssued::Never).then(|| IssuedCheck {
+        self.issued = verifies_issued(config).then(|| IssuedCheck {
             mode: config.verify_issued,
             keys,
             issuer: config.issuer.clone(),
@@ -405,6 +445,7 @@ impl Exchanger {
             expires_at: subject_expires_at,
             trusted_until: None,
             key_epoch: 0,
+            profile: self.profile,
         };
         self.exchange_keyed(subject, &self.key(subject), &principal)
             .await
@@ -414,6 +455,16 @@ impl Exchanger {
     /// over the length-prefixed exchange parameters and the subject token).
     pub fn key(&self, subject: &str) -> CacheKey {
         self.keys.key(subject.as_bytes())
+    }
+
+    /// [`Exchanger::key`] of the subject token whose SHA-256 digest is `subject_digest`.
+    pub fn key_of(&self, subject_digest: &[u8; 32]) -> CacheKey {
+        self.keys.key_of(subject_digest)
+    }
+
+    /// The profile this exchanger serves (its index in the config).
+    pub fn profile(&self) -> usize {
+        self.profile
     }
 
     /// The hot path: the cached exchange for a subject token seen before (by its
@@ -510,7 +561,11 @@ impl Exchanger {
         let outcome = self.call_idp(subject, principal).await;
         match &outcome {
             Ok(entry) => self.cache.keep(key, entry.clone(), Instant::now()).await,
-            Err(e @ (ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. })) => {
+            Err(
+                e @ (ExchangeError::SubjectRejected
+                | ExchangeError::ScopeRejected { .. }
+                | ExchangeError::ClaimsRequired { .. }),
+            ) => {
                 self.refusals.insert(key, e.clone(), Instant::now()).await;
             }
             Err(_) => {}
@@ -585,7 +640,7 @@ impl Exchanger {
             tracing::debug!("token exchange: the token endpoint is not known yet");
             self.metrics
                 .exchange_requests
-                .inc(ExchangeResult::Unavailable);
+                .inc_for(Some(self.profile), ExchangeResult::Unavailable);
             return Err(ExchangeError::Unavailable {
                 retry_after: response::DEFAULT_RETRY_AFTER,
             });
@@ -595,7 +650,7 @@ impl Exchanger {
             Err(wait) => {
                 self.metrics
                     .exchange_requests
-                    .inc(ExchangeResult::Unavailable);
+                    .inc_for(Some(self.profile), ExchangeResult::Unavailable);
                 return Err(ExchangeError::Unavailable {
                     retry_after: response::whole_seconds(wait),
                 });
@@ -609,7 +664,7 @@ impl Exchanger {
             );
             self.metrics
                 .exchange_requests
-                .inc(ExchangeResult::Unavailable);
+                .inc_for(Some(self.profile), ExchangeResult::Unavailable);
             return Err(ExchangeError::Unavailable {
                 retry_after: response::DEFAULT_RETRY_AFTER,
             });
@@ -621,7 +676,7 @@ impl Exchanger {
                 tracing::error!(error = %e, "token exchange: the client credentials cannot be used");
                 self.metrics
                     .exchange_requests
-                    .inc(ExchangeResult::ClientError);
+                    .inc_for(Some(self.profile), ExchangeResult::ClientError);
                 return Err(ExchangeError::ClientRejected);
             }
         };
@@ -644,15 +699,20 @@ impl Exchanger {
             Ok(entry) => self.check_issued(entry).await,
             failed => failed,
         };
-        self.metrics.exchange_requests.inc(match &outcome {
-            Ok(_) => ExchangeResult::Success,
-            Err(ExchangeError::SubjectRejected | ExchangeError::ScopeRejected { .. }) => {
-                ExchangeResult::Rejected
-            }
-            Err(ExchangeError::ClientRejected) => ExchangeResult::ClientError,
-            Err(ExchangeError::Unavailable { .. }) => ExchangeResult::Unavailable,
-            Err(ExchangeError::InvalidResponse) => ExchangeResult::InvalidResponse,
-        });
+        self.metrics.exchange_requests.inc_for(
+            Some(self.profile),
+            match &outcome {
+                Ok(_) => ExchangeResult::Success,
+                Err(
+                    ExchangeError::SubjectRejected
+                    | ExchangeError::ScopeRejected { .. }
+                    | ExchangeError::ClaimsRequired { .. },
+                ) => ExchangeResult::Rejected,
+                Err(ExchangeError::ClientRejected) => ExchangeResult::ClientError,
+                Err(ExchangeError::Unavailable { .. }) => ExchangeResult::Unavailable,
+                Err(ExchangeError::InvalidResponse) => ExchangeResult::InvalidResponse,
+            },
+        );
         outcome
     }
 
@@ -721,7 +781,10 @@ impl Exchanger {
                 .as_deref()
                 .ok_or(Unusable::TooLarge)
                 .and_then(|body| {
-                    response::parse_success(body, &self.requested_token_type, SystemTime::now())
+                    // On-Behalf-Of answers carry no issued_token_type.
+                    let requested = (self.grant == Grant::TokenExchange)
+                        .then_some(self.requested_token_type.as_str());
+                    response::parse_success(body, requested, SystemTime::now())
                 });
             return match issued {
                 Ok(issued) => (Ok(self.entry(issued, principal)), Health::Up),
@@ -735,18 +798,36 @@ impl Exchanger {
                 }
             };
         }
-        let code = answer.body.as_deref().and_then(response::error_code);
-        let logged = code
+        let error = answer
+            .body
+            .as_deref()
+            .map(response::error_body)
+            .unwrap_or_default();
+        let logged = error
+            .error
             .as_deref()
             .map(response::sanitize_code)
             .unwrap_or_default();
-        match response::classify(answer.status, code.as_deref()) {
+        let refusal = match self.grant {
+            Grant::TokenExchange => response::classify(answer.status, error.error.as_deref()),
+            Grant::JwtBearerObo => response::classify_obo(answer.status, &error),
+        };
+        match refusal {
             Refusal::Subject => {
                 tracing::info!(status, error = %logged, "token exchange: the IdP rejected the subject token");
                 (Err(ExchangeError::SubjectRejected), Health::Up)
             }
+            Refusal::Claims(claims) => {
+                tracing::info!(status, error = %logged, "token exchange: the IdP requires more claims (Conditional Access)");
+                (
+                    Err(ExchangeError::ClaimsRequired {
+                        claims: claims.into(),
+                    }),
+                    Health::Up,
+                )
+            }
             Refusal::Scope => {
-                tracing::info!(status, error = %logged, "token exchange: the IdP rejected the scope");
+                tracing::info!(status, error = %logged, suberror = %error.suberror.as_deref().map(response::sanitize_code).unwrap_or_default(), "token exchange: the IdP rejected the scope");
                 (
                     Err(ExchangeError::ScopeRejected {
                         scope: self.scope.clone(),
@@ -798,6 +879,18 @@ impl Exchanger {
         CachedToken::new(issued.authorization, window, lifetime, now)
             .refreshing_ahead(self.refresh_ahead, subject_end, self.expiry_margin)
             .resting_on(principal)
+    }
+}
+
+/// Whether issued tokens are verified at all. `auto` does not verify On-Behalf-Of tokens:
+/// Entra issues them in the format the backend's API asks for, and a v1.0 token names another
+/// issuer (`https://sts.windows.net/<tenant>/`) than the v2.0 one the proxy is configured
+/// with, while Microsoft Graph's are signed for Graph alone (README "Microsoft Entra ID").
+pub fn verifies_issued(config: &Exchange) -> bool {
+    match config.verify_issued {
+        VerifyIssued::Never => false,
+        VerifyIssued::Always => true,
+        VerifyIssued::Auto => config.grant == Grant::TokenExchange,
     }
 }
 
@@ -884,7 +977,7 @@ async fn probe_until_accepted(exchanger: Weak<Exchanger>, first_wait: Duration) 
             match this.probe().await {
                 Ok(()) => {
                     if refused {
-                        this.readiness.done(CREDENTIALS_REJECTED);
+                        this.readiness.done(&this.ready_credentials);
                         tracing::info!(
                             "token endpoint: the proxy's client credentials are accepted now"
                         );
@@ -898,7 +991,7 @@ async fn probe_until_accepted(exchanger: Weak<Exchanger>, first_wait: Duration) 
                         "token endpoint: the IdP rejects the proxy's client credentials; no token can be exchanged"
                     );
                     refused = true;
-                    this.readiness.pending(CREDENTIALS_REJECTED);
+                    this.readiness.pending(this.ready_credentials.as_str());
                 }
                 Err(e) => tracing::warn!(
                     error = %e,
@@ -928,15 +1021,16 @@ async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) 
         let found = idp::discover(&this.idp, &this.issuer, None)
             .await
             .and_then(|meta| {
+                let grant = request::grant_type(this.grant);
                 if meta
                     .grant_types_supported
                     .as_ref()
-                    .is_some_and(|g| !g.iter().any(|g| g == request::TOKEN_EXCHANGE_GRANT_TYPE))
+                    .is_some_and(|g| !g.iter().any(|g| g == grant))
                 {
                     tracing::warn!(
                         issuer = %this.issuer,
-                        grant = request::TOKEN_EXCHANGE_GRANT_TYPE,
-                        "the issuer's metadata does not list the token exchange grant in grant_types_supported"
+                        grant,
+                        "the issuer's metadata does not list the configured grant in grant_types_supported"
                     );
                 }
                 meta.token_endpoint.ok_or(IdpError::Invalid(
@@ -947,7 +1041,7 @@ async fn discover_until_known(exchanger: Weak<Exchanger>, first_wait: Duration) 
             Ok(url) => {
                 tracing::info!(issuer = %this.issuer, token_endpoint = %url, "token endpoint discovered");
                 let _ = this.endpoint.set(url);
-                this.readiness.done(READINESS_ITEM);
+                this.readiness.done(&this.ready_endpoint);
                 return;
             }
             Err(e) => tracing::warn!(

@@ -1,5 +1,6 @@
-//! The token exchange request (RFC 8693 §2.1): an application/x-www-form-urlencoded POST to
-//! the token endpoint.
+//! The token request: an application/x-www-form-urlencoded POST to the token endpoint, either
+//! a token exchange (RFC 8693 §2.1) or Microsoft Entra ID's On-Behalf-Of request (the JWT
+//! bearer grant of RFC 7523 §2.1 with `requested_token_use=on_behalf_of`).
 //!
 //! Every parameter that depends only on the configuration is encoded once, at start-up, into a
 //! `FormTemplate`; a request appends the subject token and the client credentials.
@@ -12,33 +13,56 @@ use secrecy::{ExposeSecret, SecretString};
 use url::Url;
 use url::form_urlencoded::Serializer;
 
-use crate::config::Exchange;
+use crate::config::{Exchange, Grant};
 use crate::idp::{self, IdpError};
 
 /// RFC 8693 §2.1: the `grant_type` of a token exchange.
 pub const TOKEN_EXCHANGE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
+/// RFC 7523 §2.1: the `grant_type` of Entra's On-Behalf-Of request.
+pub const JWT_BEARER_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// The `grant_type` that `grant` sends.
+pub fn grant_type(grant: Grant) -> &'static str {
+    match grant {
+        Grant::TokenExchange => TOKEN_EXCHANGE_GRANT_TYPE,
+        Grant::JwtBearerObo => JWT_BEARER_GRANT_TYPE,
+    }
+}
+
 /// The configuration-dependent part of the form, already encoded.
 #[derive(Debug, Clone)]
 pub(crate) struct FormTemplate {
     fixed: String,
+    /// The parameter that carries the client's token: `subject_token`, or `assertion`.
+    subject_field: &'static str,
 }
 
 impl FormTemplate {
-    /// `grant_type`, `subject_token_type`, `requested_token_type`, each `audience` and
-    /// `resource` as its own parameter (RFC 8693 §2.1), `scope`, then `extra_params`
-    /// (config validation keeps them from overriding any of these).
+    /// Token exchange: `grant_type`, `subject_token_type`, `requested_token_type`, each
+    /// `audience` and `resource` as its own parameter (RFC 8693 §2.1), `scope`.
+    /// On-Behalf-Of: `grant_type`, `requested_token_use=on_behalf_of`, `scope`.
+    /// Then `extra_params` (config validation keeps them from overriding any of these).
     pub(crate) fn new(config: &Exchange) -> Self {
         let mut form = Serializer::new(String::new());
-        form.append_pair("grant_type", TOKEN_EXCHANGE_GRANT_TYPE);
-        form.append_pair("subject_token_type", &config.subject_token_type);
-        form.append_pair("requested_token_type", &config.requested_token_type);
-        for a in &config.audience {
-            form.append_pair("audience", a);
-        }
-        for r in &config.resource {
-            form.append_pair("resource", r);
-        }
+        form.append_pair("grant_type", grant_type(config.grant));
+        let subject_field = match config.grant {
+            Grant::TokenExchange => {
+                form.append_pair("subject_token_type", &config.subject_token_type);
+                form.append_pair("requested_token_type", &config.requested_token_type);
+                for a in &config.audience {
+                    form.append_pair("audience", a);
+                }
+                for r in &config.resource {
+                    form.append_pair("resource", r);
+                }
+                "subject_token"
+            }
+            Grant::JwtBearerObo => {
+                form.append_pair("requested_token_use", "on_behalf_of");
+                "assertion"
+            }
+        };
         if let Some(scope) = &config.scope {
             form.append_pair("scope", scope);
         }
@@ -47,6 +71,7 @@ impl FormTemplate {
         }
         Self {
             fixed: form.finish(),
+            subject_field,
         }
     }
 
@@ -59,7 +84,7 @@ impl FormTemplate {
         let mut target = String::with_capacity(self.fixed.len() + subject.len() * 3 / 2 + 1024);
         target.push_str(&self.fixed);
         let mut form = Serializer::for_suffix(target, 0);
-        form.append_pair("subject_token", subject);
+        form.append_pair(self.subject_field, subject);
         for (k, v) in credentials {
             form.append_pair(k, v.expose_secret());
         }
@@ -135,6 +160,7 @@ mod tests {
     #[test]
     fn the_form_carries_every_parameter_each_list_item_repeated() {
         let config = Exchange {
+            grant: crate::config::Grant::TokenExchange,
             token_endpoint: None,
             issuer: "https://idp.example.com".into(),
             client_id: "txp".into(),
@@ -184,6 +210,7 @@ mod tests {
     #[test]
     fn a_minimal_form_has_no_empty_parameters() {
         let config = Exchange {
+            grant: crate::config::Grant::TokenExchange,
             token_endpoint: None,
             issuer: "https://idp.example.com".into(),
             client_id: "txp".into(),
@@ -210,5 +237,39 @@ mod tests {
                 "subject_token"
             ]
         );
+    }
+
+    #[test]
+    fn the_on_behalf_of_form_is_entras() {
+        let config = Exchange {
+            grant: Grant::JwtBearerObo,
+            token_endpoint: None,
+            issuer: "https://login.microsoftonline.com/tenant/v2.0".into(),
+            client_id: "proxy-app".into(),
+            client_auth: ClientAuth::None,
+            audience: vec![],
+            resource: vec![],
+            scope: Some("api://backend/.default".into()),
+            subject_token_type: ACCESS_TOKEN_TYPE.into(),
+            requested_token_type: ACCESS_TOKEN_TYPE.into(),
+            extra_params: BTreeMap::new(),
+            timeout: Duration::from_secs(5),
+            max_concurrent: 64,
+            negative_ttl: Duration::from_secs(10),
+            verify_issued: crate::config::VerifyIssued::Auto,
+        };
+        let body = FormTemplate::new(&config)
+            .body("eyJ.a.b", &[("client_id", SecretString::from("proxy-app"))]);
+        let want: Vec<(String, String)> = [
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("requested_token_use", "on_behalf_of"),
+            ("scope", "api://backend/.default"),
+            ("assertion", "eyJ.a.b"),
+            ("client_id", "proxy-app"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(pairs(&body), want);
     }
 }

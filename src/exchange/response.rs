@@ -1,6 +1,6 @@
 //! Reading the token endpoint's answer: the success response checked before use
-//! (RFC 8693 §2.2.1), and error responses (RFC 6749 §5.2, RFC 8693 §2.2.2) sorted by whose
-//! fault they are (README "HTTP behaviour").
+//! (RFC 8693 §2.2.1), and error responses (RFC 6749 §5.2, RFC 8693 §2.2.2, and Microsoft
+//! Entra ID's for On-Behalf-Of) sorted by whose fault they are (README "HTTP behaviour").
 //!
 //! Nothing from the IdP's body reaches the client, and only the `error` code reaches the log,
 //! reduced to `[a-z_]` and truncated (`sanitize_code`).
@@ -80,13 +80,14 @@ impl Unusable {
 }
 
 /// Checks a 200 response: a non-empty `access_token` that fits in a header, `token_type`
-/// Bearer (case-insensitive, RFC 6749 §5.1), `issued_token_type` present and equal to the
-/// requested one (RFC 8693 §2.2.1 makes it required), and a lifetime that has not already run
-/// out. The lifetime is the earlier of `expires_in` and the issued JWT's `exp`, whichever are
-/// known: an IdP's `expires_in` cannot stretch a token past its own `exp`.
+/// Bearer (case-insensitive, RFC 6749 §5.1), `issued_token_type` present and equal to
+/// `requested_token_type` (RFC 8693 §2.2.1 makes it required; `None` for On-Behalf-Of, whose
+/// answer has none), and a lifetime that has not already run out. The lifetime is the earlier
+/// of `expires_in` and the issued JWT's `exp`, whichever are known: an IdP's `expires_in`
+/// cannot stretch a token past its own `exp`.
 pub(crate) fn parse_success(
     body: &[u8],
-    requested_token_type: &str,
+    requested_token_type: Option<&str>,
     now: SystemTime,
 ) -> Result<Issued, Unusable> {
     // serde_json's errors may quote the body; they are dropped, never logged.
@@ -101,10 +102,12 @@ pub(crate) fn parse_success(
     {
         return Err(Unusable::TokenTypeNotBearer);
     }
-    match parsed.issued_token_type {
-        None => return Err(Unusable::NoIssuedTokenType),
-        Some(t) if t != requested_token_type => return Err(Unusable::IssuedTokenTypeMismatch),
-        Some(_) => {}
+    if let Some(requested) = requested_token_type {
+        match parsed.issued_token_type {
+            None => return Err(Unusable::NoIssuedTokenType),
+            Some(t) if t != requested => return Err(Unusable::IssuedTokenTypeMismatch),
+            Some(_) => {}
+        }
     }
     let by_expires_in = match parsed.expires_in {
         Some(v) => Some(expires_in(&v).ok_or(Unusable::BadExpiresIn)?),
@@ -179,12 +182,15 @@ fn exp_remaining(exp: f64, now: SystemTime) -> Duration {
 }
 
 /// Whose fault a failed exchange is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refusal {
     /// The IdP refused the subject token.
     Subject,
     /// The IdP refused the requested scope.
     Scope,
+    /// The IdP asks for a token with more claims (Entra's Conditional Access): the claims
+    /// challenge for the client, base64-encoded as in Microsoft's `WWW-Authenticate`.
+    Claims(String),
     /// The IdP refused the proxy itself, or the request the proxy is configured to make.
     Client,
     /// The IdP is overloaded or failing (5xx, 429, 408).
@@ -230,11 +236,84 @@ pub(crate) fn classify(status: StatusCode, error_code: Option<&str>) -> Refusal 
 
 /// The `error` member of an error response (RFC 6749 §5.2), if the body is such JSON.
 pub(crate) fn error_code(body: &[u8]) -> Option<String> {
+    error_body(body).error
+}
+
+/// The members of an error response the proxy reads: RFC 6749 §5.2's `error`, and Entra's
+/// `suberror` and `claims` (a Conditional Access claims request, a JSON text).
+/// Members of another type than RFC 6749 and Entra give them are read as absent, and never
+/// keep the others from being read.
+#[derive(Debug, Default)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: Option<String>,
+    pub(crate) suberror: Option<String>,
+    /// The claims request as JSON text (Entra sends it as a string; an object is taken too).
+    pub(crate) claims: Option<String>,
+}
+
+/// The error response in `body`, or nothing read when it is not a JSON object.
+pub(crate) fn error_body(body: &[u8]) -> ErrorBody {
     #[derive(Deserialize)]
-    struct ErrorBody {
-        error: Option<String>,
+    struct Raw {
+        error: Option<serde_json::Value>,
+        suberror: Option<serde_json::Value>,
+        claims: Option<serde_json::Value>,
     }
-    serde_json::from_slice::<ErrorBody>(body).ok()?.error
+    let Ok(raw) = serde_json::from_slice::<Raw>(body) else {
+        return ErrorBody::default();
+    };
+    let text = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => Some(s),
+        _ => None,
+    };
+    ErrorBody {
+        error: text(raw.error),
+        suberror: text(raw.suberror),
+        claims: match raw.claims {
+            Some(v @ serde_json::Value::Object(_)) => Some(v.to_string()),
+            other => text(other),
+        },
+    }
+}
+
+/// The longest Conditional Access `claims` passed on to a client; a longer one is not a real
+/// claims request, and the answer is then read as if it had none.
+pub(crate) const MAX_CLAIMS_BYTES: usize = 4096;
+
+/// Sorts a non-2xx answer to an On-Behalf-Of request (Microsoft Entra ID, README "Microsoft
+/// Entra ID"). 5xx, 429, 408, 401 and 403 are read as for any exchange ([`classify`]); then
+/// Entra's `suberror` is read before `error`:
+/// 1. `consent_required` (as `suberror` or `error`, e.g. AADSTS65001): the user has not
+///    consented to the backend's scope → `Scope` (403 `insufficient_scope`);
+/// 2. a JSON object in `claims` (Conditional Access: MFA, a compliant device, …) →
+///    `Claims` (401 `insufficient_claims`, the claims passed on for the client to ask for);
+/// 3. `interaction_required` without claims, and `invalid_grant` → `Subject` (401);
+/// 4. the rest as [`classify`].
+pub(crate) fn classify_obo(status: StatusCode, body: &ErrorBody) -> Refusal {
+    let generic = classify(status, body.error.as_deref());
+    if matches!(generic, Refusal::Unavailable)
+        || status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
+    {
+        return generic;
+    }
+    let (error, suberror) = (body.error.as_deref(), body.suberror.as_deref());
+    if suberror == Some("consent_required") || error == Some("consent_required") {
+        return Refusal::Scope;
+    }
+    if let Some(claims) = body.claims.as_deref().filter(|c| is_claims_request(c)) {
+        return Refusal::Claims(base64::engine::general_purpose::STANDARD.encode(claims));
+    }
+    match error {
+        Some("interaction_required" | "invalid_grant") => Refusal::Subject,
+        _ => generic,
+    }
+}
+
+/// A claims request worth passing on: a JSON object of bounded size.
+fn is_claims_request(claims: &str) -> bool {
+    claims.len() <= MAX_CLAIMS_BYTES
+        && serde_json::from_str::<serde_json::Value>(claims).is_ok_and(|v| v.is_object())
 }
 
 /// An `error` code fit for the log: lower-cased, letters and `_` only, at most 40 of them.
@@ -285,7 +364,7 @@ mod tests {
     }
 
     fn parse(body: &str) -> Result<Issued, Unusable> {
-        parse_success(body.as_bytes(), AT, now())
+        parse_success(body.as_bytes(), Some(AT), now())
     }
 
     fn jwt_with(payload: &str) -> String {
@@ -504,5 +583,88 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(whole_seconds(Duration::ZERO), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_on_behalf_of_answer_needs_no_issued_token_type() {
+        let body = r#"{"token_type":"Bearer","scope":"api://backend/read","expires_in":3599,"ext_expires_in":3599,"access_token":"eyJ0eXAi.x.y","refresh_token":"0.AXo"}"#;
+        let issued = parse_success(body.as_bytes(), None, now()).expect("usable");
+        assert_eq!(issued.authorization, "Bearer eyJ0eXAi.x.y");
+        assert_eq!(issued.lifetime, Some(Duration::from_secs(3599)));
+        // The same answer to a token exchange lacks what RFC 8693 requires.
+        assert_eq!(
+            parse(body).expect_err("no issued_token_type"),
+            Unusable::NoIssuedTokenType
+        );
+    }
+
+    /// An Entra error body as Microsoft documents them (error, description with the AADSTS
+    /// code, error_codes, timestamp, trace and correlation ids, and what else is given).
+    fn entra(error: &str, extra: &str) -> ErrorBody {
+        error_body(
+            format!(
+                r#"{{"error":"{error}","error_description":"AADSTS00000: text. Trace ID: 0 Correlation ID: 0 Timestamp: 2026-11-30 10:00:00Z","error_codes":[0],"timestamp":"2026-11-30 10:00:00Z","trace_id":"0","correlation_id":"0"{extra}}}"#
+            )
+            .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn entra_answers_are_sorted_suberror_first() {
+        let bad = StatusCode::BAD_REQUEST;
+        let claims =
+            r#"{\"access_token\":{\"capolids\":{\"essential\":true,\"values\":[\"c1\"]}}}"#;
+        let cases: [(ErrorBody, Refusal); 8] =
+            [
+                (
+                    entra("invalid_grant", r#","suberror":"consent_required""#),
+                    Refusal::Scope,
+                ),
+                (entra("consent_required", ""), Refusal::Scope),
+                (
+                    entra(
+                        "invalid_grant",
+                        &format!(r#","suberror":"consent_required","claims":"{claims}""#),
+                    ),
+                    Refusal::Scope,
+                ),
+                (
+                    entra("interaction_required", &format!(r#","claims":"{claims}""#)),
+                    Refusal::Claims(base64::engine::general_purpose::STANDARD.encode(
+                        r#"{"access_token":{"capolids":{"essential":true,"values":["c1"]}}}"#,
+                    )),
+                ),
+                (entra("interaction_required", ""), Refusal::Subject),
+                (entra("invalid_grant", ""), Refusal::Subject),
+                // A claims member that is no claims request is not passed on.
+                (
+                    entra("interaction_required", r#","claims":"not json""#),
+                    Refusal::Subject,
+                ),
+                (entra("invalid_client", ""), Refusal::Client),
+            ];
+        for (body, want) in cases {
+            assert_eq!(classify_obo(bad, &body), want, "{body:?}");
+        }
+        // The IdP's own trouble and refusals of the proxy's client come first.
+        let consent = entra("invalid_grant", r#","suberror":"consent_required""#);
+        assert_eq!(
+            classify_obo(StatusCode::SERVICE_UNAVAILABLE, &consent),
+            Refusal::Unavailable
+        );
+        assert_eq!(
+            classify_obo(StatusCode::UNAUTHORIZED, &consent),
+            Refusal::Client
+        );
+    }
+
+    #[test]
+    fn error_members_of_another_type_do_not_hide_the_others() {
+        let body =
+            error_body(br#"{"error":"invalid_grant","suberror":7,"claims":{"id_token":{}}}"#);
+        assert_eq!(body.error.as_deref(), Some("invalid_grant"));
+        assert_eq!(body.suberror, None);
+        assert_eq!(body.claims.as_deref(), Some(r#"{"id_token":{}}"#));
+        assert!(error_body(b"<html>").error.is_none());
     }
 }

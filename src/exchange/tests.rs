@@ -8,6 +8,7 @@ use crate::config::{ACCESS_TOKEN_TYPE, ClientAuth, IdpTls};
 
 fn exchange_config(token_endpoint: Option<Url>, client_auth: ClientAuth) -> Exchange {
     Exchange {
+        grant: crate::config::Grant::TokenExchange,
         token_endpoint,
         issuer: "http://127.0.0.1:1/realms/test".into(),
         client_id: "txp".into(),

@@ -189,6 +189,7 @@ mod tests {
             expires_at: Some(exp),
             trusted_until: None,
             key_epoch: 0,
+            profile: 0,
         })
     }
 

@@ -176,6 +176,7 @@ impl Rules {
             // Set by the validator, which knows how long the acceptance may be remembered.
             trusted_until: None,
             key_epoch: 0,
+            profile: 0,
         })
     }
 
@@ -282,6 +283,7 @@ mod tests {
                 expires_at: Some((NOW + 60) as u64),
                 trusted_until: None,
                 key_epoch: 0,
+                profile: 0,
             }
         );
     }

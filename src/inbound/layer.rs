@@ -15,6 +15,12 @@
 //! **Recall.** In exchange mode a token seen before is accepted without validating it again
 //! while the acceptance its exchanged-token cache entry carries holds ([`Recall`]): one lookup
 //! both accepts the token and finds the token to send on.
+//!
+//! **Profiles.** With several profiles (README "Several issuers") each is a [`Gate`]: its
+//! validator and its recall. The token is hashed once; every gate's recall is asked with that
+//! digest, and on a miss the token's unverified `iss` picks the one gate whose validator then
+//! judges it (an opaque token goes to the gate that introspects). A token whose `iss` no
+//! profile names is refused before any key is looked at.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,8 +31,11 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
-use super::{Principal, Validator};
+use super::cache::{self, TokenDigest};
+use super::claims::reject;
+use super::{Principal, Validator, jwt};
 use crate::error::{Denial, Responder, ResponseBody};
+use crate::metrics::RejectReason;
 
 /// Marks a request on a public path: forwarded without a token (a request extension).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,11 +47,12 @@ pub trait Recall: Clone + Send + Sync + 'static {
     /// [`Principal`].
     type Recalled: Clone + Send + Sync + 'static;
 
-    /// The acceptance of `token` remembered in key epoch `key_epoch`
-    /// ([`Validator::key_epoch`]), if one still holds.
+    /// The acceptance of `token`, whose SHA-256 digest is `digest` ([`cache::digest`]),
+    /// remembered in key epoch `key_epoch` ([`Validator::key_epoch`]), if one still holds.
     fn recall(
         &self,
         token: &str,
+        digest: &TokenDigest,
         key_epoch: u64,
     ) -> impl Future<Output = Option<(Principal, Self::Recalled)>> + Send;
 }
@@ -54,7 +64,7 @@ pub struct NoRecall;
 impl Recall for NoRecall {
     type Recalled = ();
 
-    async fn recall(&self, _: &str, _: u64) -> Option<(Principal, ())> {
+    async fn recall(&self, _: &str, _: &TokenDigest, _: u64) -> Option<(Principal, ())> {
         None
     }
 }
@@ -62,9 +72,14 @@ impl Recall for NoRecall {
 impl<R: Recall> Recall for Option<R> {
     type Recalled = R::Recalled;
 
-    async fn recall(&self, token: &str, key_epoch: u64) -> Option<(Principal, R::Recalled)> {
+    async fn recall(
+        &self,
+        token: &str,
+        digest: &TokenDigest,
+        key_epoch: u64,
+    ) -> Option<(Principal, R::Recalled)> {
         match self {
-            Some(r) => r.recall(token, key_epoch).await,
+            Some(r) => r.recall(token, digest, key_epoch).await,
             None => None,
         }
     }
@@ -85,13 +100,21 @@ impl<R> Clone for BearerAuthLayer<R> {
     }
 }
 
+/// One profile's way in: the validator that judges the tokens of its issuer, and the
+/// acceptances remembered for them.
+#[derive(Debug, Clone)]
+pub struct Gate<R = NoRecall> {
+    pub validator: Arc<Validator>,
+    pub recall: R,
+}
+
 #[derive(Debug)]
 struct Shared<R> {
-    validator: Arc<Validator>,
+    /// One per profile, in config order.
+    gates: Box<[Gate<R>]>,
     responder: Responder,
     public_paths: Arc<[String]>,
     max_token_bytes: usize,
-    recall: R,
 }
 
 impl BearerAuthLayer {
@@ -101,29 +124,57 @@ impl BearerAuthLayer {
         config: &crate::config::Inbound,
         responder: Responder,
     ) -> Self {
-        Self {
-            shared: Arc::new(Shared {
+        BearerAuthLayer::with_gates(
+            vec![Gate {
                 validator,
-                responder,
-                public_paths: config.public_paths.clone().into(),
-                max_token_bytes: config.max_token_bytes,
                 recall: NoRecall,
-            }),
-        }
+            }],
+            config.public_paths.clone(),
+            config.max_token_bytes,
+            responder,
+        )
     }
 }
 
 impl<R> BearerAuthLayer<R> {
-    /// Consults `recall` before validating.
+    /// One gate per profile (README "Several issuers"); requests under `public_paths` pass
+    /// without a token, and a token longer than `max_token_bytes` is refused unread.
+    ///
+    /// # Panics
+    /// When `gates` is empty: a proxy without a profile has nothing to accept tokens with.
+    pub fn with_gates(
+        gates: Vec<Gate<R>>,
+        public_paths: Vec<String>,
+        max_token_bytes: usize,
+        responder: Responder,
+    ) -> Self {
+        assert!(!gates.is_empty(), "a bearer layer needs at least one gate");
+        Self {
+            shared: Arc::new(Shared {
+                gates: gates.into(),
+                responder,
+                public_paths: public_paths.into(),
+                max_token_bytes,
+            }),
+        }
+    }
+
+    /// Consults `recall` before validating, in every gate.
     pub fn recall<R2: Recall>(self, recall: R2) -> BearerAuthLayer<R2> {
         let s = &self.shared;
         BearerAuthLayer {
             shared: Arc::new(Shared {
-                validator: s.validator.clone(),
+                gates: s
+                    .gates
+                    .iter()
+                    .map(|g| Gate {
+                        validator: g.validator.clone(),
+                        recall: recall.clone(),
+                    })
+                    .collect(),
                 responder: s.responder.clone(),
                 public_paths: s.public_paths.clone(),
                 max_token_bytes: s.max_token_bytes,
-                recall,
             }),
         }
     }
@@ -197,8 +248,10 @@ where
         Box::pin(async move {
             let accepted = match accept(&layer, req.headers()).await {
                 Ok(accepted) => accepted,
-                Err(denial) => {
-                    let resp = layer.responder.deny(&denial, req.headers(), req.uri());
+                Err((profile, denial)) => {
+                    let resp = layer
+                        .responder
+                        .deny_for(profile, &denial, req.headers(), req.uri());
                     return Ok(resp.map(ResponseBody::own));
                 }
             };
@@ -224,22 +277,62 @@ where
 /// value to put in place when the header was not already `Bearer <token>`.
 type Accepted<T> = (Principal, Option<T>, Option<HeaderValue>);
 
-/// Accepts the request's bearer token, by recall or by validation.
+/// Accepts the request's bearer token, by recall or by validation; a refusal names the
+/// profile that refused it, if one could be told.
 async fn accept<R: Recall>(
     layer: &Shared<R>,
     headers: &http::HeaderMap,
-) -> Result<Accepted<R::Recalled>, Denial> {
-    let token = bearer_token(headers, layer.max_token_bytes)?;
-    let epoch = layer.validator.key_epoch();
-    if let Some((principal, recalled)) = layer.recall.recall(token, epoch).await {
-        return Ok((principal, Some(recalled), None));
+) -> Result<Accepted<R::Recalled>, (Option<usize>, Denial)> {
+    let token = bearer_token(headers, layer.max_token_bytes).map_err(|d| (None, d))?;
+    let digest = cache::digest(token);
+    for gate in &layer.gates {
+        let epoch = gate.validator.key_epoch();
+        if let Some((principal, recalled)) = gate.recall.recall(token, &digest, epoch).await {
+            return Ok((principal, Some(recalled), None));
+        }
     }
-    let principal = layer
+    let gate = route(&layer.gates, token).map_err(|d| (None, d))?;
+    let profile = Some(gate.validator.profile());
+    let principal = gate
         .validator
-        .validate(token)
+        .validate_digested(token, digest)
         .await
-        .map_err(Denial::Inbound)?;
-    Ok((principal, None, canonical_authorization(headers, token)?))
+        .map_err(|e| (profile, Denial::Inbound(e)))?;
+    let canonical = canonical_authorization(headers, token).map_err(|d| (profile, d))?;
+    Ok((principal, None, canonical))
+}
+
+/// The gate whose validator judges `token`: the only one, or the one of the profile the
+/// token's unverified `iss` names (exact match), or for an opaque token the one that
+/// introspects. Nothing read here is trusted: the chosen validator verifies all of it.
+fn route<'a, R>(gates: &'a [Gate<R>], token: &str) -> Result<&'a Gate<R>, Denial> {
+    if let [only] = gates {
+        return Ok(only);
+    }
+    let Some(segments) = jwt::split(token) else {
+        return gates
+            .iter()
+            .find(|g| g.validator.introspects())
+            .ok_or(Denial::Inbound(reject(
+                RejectReason::Malformed,
+                "token is not a JWT",
+            )));
+    };
+    #[derive(serde::Deserialize)]
+    struct Issuer {
+        iss: Option<String>,
+    }
+    let malformed = |e: jwt::Malformed| Denial::Inbound(reject(RejectReason::Malformed, e.0));
+    let claimed =
+        jwt::parse_json::<Issuer>(&jwt::decode_segment(segments.payload).map_err(malformed)?)
+            .map_err(malformed)?;
+    gates
+        .iter()
+        .find(|g| claimed.iss.as_deref() == Some(g.validator.issuer()))
+        .ok_or(Denial::Inbound(reject(
+            RejectReason::Issuer,
+            "no profile for the token's issuer",
+        )))
 }
 
 /// `Bearer <token>` when the header said it another way (`bearer  <token> `), else `None`.

@@ -58,7 +58,7 @@ use introspection::Introspector;
 use jwks::{JwkSetDocument, KeySet, KeyStore, Refetch, SelectError, VerifyKey};
 use jwt::Segments;
 pub use layer::{
-    BearerAuth, BearerAuthLayer, NoRecall, Public, Recall, bearer_token, is_plain_path,
+    BearerAuth, BearerAuthLayer, Gate, NoRecall, Public, Recall, bearer_token, is_plain_path,
     is_public_path,
 };
 
@@ -107,6 +107,8 @@ pub struct Principal {
     /// [`Validator::key_epoch`] when the token was validated: an acceptance from an older
     /// epoch may rest on a key that has since been withdrawn.
     pub key_epoch: u64,
+    /// The profile that accepted it (its index in the config; 0 without named profiles).
+    pub profile: usize,
 }
 
 impl Principal {
@@ -240,6 +242,8 @@ pub struct Validator {
     ready_jwks: String,
     /// Told of tokens that introspection reports inactive.
     revoked: std::sync::OnceLock<RevocationHook>,
+    /// The profile this validator is (its index in the config), stamped on its acceptances.
+    profile: usize,
 }
 
 /// What [`Validator::on_revoked`] calls with a revoked token.
@@ -319,6 +323,7 @@ impl Validator {
             ready_discovery: format!("{prefix}{READY_DISCOVERY}"),
             ready_jwks: format!("{prefix}{READY_JWKS}"),
             revoked: std::sync::OnceLock::new(),
+            profile: 0,
         };
         if validator.needs_discovery() {
             validator
@@ -335,6 +340,27 @@ impl Validator {
                 .introspection
                 .as_ref()
                 .is_some_and(Introspector::needs_endpoint)
+    }
+
+    /// The validator of profile `index` (its position in the config): its acceptances say so.
+    pub fn for_profile(mut self, index: usize) -> Self {
+        self.profile = index;
+        self
+    }
+
+    /// The profile this validator is.
+    pub fn profile(&self) -> usize {
+        self.profile
+    }
+
+    /// The issuer whose tokens this validator accepts.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Whether opaque tokens are introspected here.
+    pub fn introspects(&self) -> bool {
+        self.introspection.is_some()
     }
 
     /// Starts background work (discovery, JWKS loading and refresh). The tasks end when the
@@ -396,10 +422,19 @@ impl Validator {
 
     /// Validates `token` (the bytes after `Bearer `).
     pub async fn validate(&self, token: &str) -> Result<Principal, InboundError> {
+        self.validate_digested(token, cache::digest(token)).await
+    }
+
+    /// Validates `token`, whose SHA-256 digest ([`cache::digest`]) the caller has already
+    /// computed for lookups of its own.
+    pub async fn validate_digested(
+        &self,
+        token: &str,
+        digest: TokenDigest,
+    ) -> Result<Principal, InboundError> {
         if token.len() > self.max_token_bytes {
             return Err(reject(RejectReason::TooLarge, "token too large"));
         }
-        let digest = cache::digest(token);
         // Read before any key is looked up: an acceptance is stamped with the epoch it began
         // in, so a withdrawal that happens while it is being verified makes it stale.
         let epoch = self.key_epoch();
@@ -481,7 +516,7 @@ impl Validator {
         let decision = self
             .rules
             .check(&claims, now, Source::Jwt)
-            .map(|p| stamp(p, ttl, epoch));
+            .map(|p| stamp(p, ttl, epoch, self.profile));
         let remember = match &decision {
             Ok(_) => self.timing.remember_accepted,
             Err(_) => claims::cacheable(&decision),
@@ -546,7 +581,7 @@ impl Validator {
             let exp = answer.claims.exp.map(|d| d.0);
             let ttl = claims::ttl(exp, self.rules.leeway(), now, self.timing.introspection_ttl)
                 .ok_or(reject(RejectReason::Expired, "token expired"))?;
-            let decision = decision.map(|p| stamp(p, Some(ttl), epoch));
+            let decision = decision.map(|p| stamp(p, Some(ttl), epoch, self.profile));
             Ok(Entry { decision, ttl })
         };
         self.cache.get_or_try_insert_with(digest, now, init).await
@@ -694,10 +729,11 @@ fn select_error(e: SelectError) -> InboundError {
 
 /// Seconds since the Unix epoch.
 /// Marks an acceptance as trusted for `ttl` from now (tokio clock) in key epoch `epoch`.
-fn stamp(principal: Principal, ttl: Option<Duration>, epoch: u64) -> Principal {
+fn stamp(principal: Principal, ttl: Option<Duration>, epoch: u64, profile: usize) -> Principal {
     Principal {
         trusted_until: ttl.map(|t| tokio::time::Instant::now() + t),
         key_epoch: epoch,
+        profile,
         ..principal
     }
 }

@@ -37,7 +37,7 @@ pub use forward::{Forward, Upstream};
 pub use headers::ClientIp;
 pub use stream_lifetime::StreamLifetimeLayer;
 
-use crate::config::{Config, StreamLifetime};
+use crate::config::Config;
 use crate::error::ResponseBody;
 use crate::exchange::{Exchanger, TokenExchangeLayer};
 use crate::inbound::BearerAuthLayer;
@@ -86,9 +86,12 @@ pub fn layers(protection: &Protection, config: &Config, drain: &Drain) -> Layers
         .layer(ProtectedResourceLayer::new(protection.resource.clone()))
         .layer(protection.bearer_auth())
         .layer(exchange_or_passthrough(protection))
-        .layer(StreamLifetimeLayer::new(
-            config.inbound.stream_lifetime == StreamLifetime::Token,
-            config.inbound.leeway,
+        .layer(StreamLifetimeLayer::per_profile(
+            protection
+                .guards
+                .iter()
+                .map(|g| g.stream_bound.then_some(g.leeway))
+                .collect(),
             drain.closing.clone(),
             protection.metrics.clone(),
         ))

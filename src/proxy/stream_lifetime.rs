@@ -45,9 +45,10 @@ pub struct StreamLifetimeLayer {
 
 #[derive(Debug)]
 struct Settings {
-    /// Whether streams end with their client token (`inbound.stream_lifetime: token`).
-    bound_to_token: bool,
-    leeway: Duration,
+    /// Per profile (its index in the config): the `inbound.leeway` past the client token's
+    /// `exp` at which its streams end, or `None` when they do not end with the token
+    /// (`inbound.stream_lifetime: unlimited`).
+    token_bounds: Box<[Option<Duration>]>,
     closing: Trigger,
     metrics: Arc<Metrics>,
 }
@@ -61,10 +62,19 @@ impl StreamLifetimeLayer {
         closing: Trigger,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::per_profile(vec![bound_to_token.then_some(leeway)], closing, metrics)
+    }
+
+    /// As [`StreamLifetimeLayer::new`], with each profile's setting (README "Several
+    /// issuers"), in config order: `Some(leeway)` where `inbound.stream_lifetime` is `token`.
+    pub fn per_profile(
+        token_bounds: Vec<Option<Duration>>,
+        closing: Trigger,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             settings: Arc::new(Settings {
-                bound_to_token,
-                leeway,
+                token_bounds: token_bounds.into(),
                 closing,
                 metrics,
             }),
@@ -106,13 +116,10 @@ where
         // Only a GET opens a stream that outlives its request.
         let watch = (req.method() == Method::GET).then(|| Watch {
             settings: self.settings.clone(),
-            token_end: self
-                .settings
-                .bound_to_token
-                .then(|| req.extensions().get::<Principal>())
-                .flatten()
-                .and_then(|p| p.expires_at)
-                .map(|exp| exp.saturating_add(self.settings.leeway.as_secs())),
+            token_end: req.extensions().get::<Principal>().and_then(|p| {
+                let leeway = (*self.settings.token_bounds.get(p.profile)?)?;
+                Some(p.expires_at?.saturating_add(leeway.as_secs()))
+            }),
         });
         WatchedFuture {
             inner: self.inner.call(req),

@@ -45,6 +45,7 @@ fn principal(sub: &str) -> Principal {
         expires_at: None,
         trusted_until: None,
         key_epoch: 0,
+        profile: 0,
     }
 }
 

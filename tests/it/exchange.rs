@@ -43,7 +43,7 @@ pub(crate) fn setup_with(exchange: &str, cache: &str, options: ExchangerOptions)
     let readiness = Arc::new(Readiness::default());
     let idp = IdpClient::new(&config.idp_tls).expect("idp client");
     let exchanger = Exchanger::with_options(
-        config.exchange.as_ref().expect("exchange mode"),
+        config.exchange().expect("exchange mode"),
         &config.cache,
         idp,
         metrics.clone(),
@@ -342,6 +342,7 @@ async fn the_hot_path_serves_an_entry_only_while_its_acceptance_holds() {
         expires_at: None,
         trusted_until: Some(tokio::time::Instant::now() + Duration::from_secs(60)),
         key_epoch: 3,
+        profile: 0,
     };
     let first = ex
         .exchange_keyed("subject-a", &key, &accepted)

@@ -232,7 +232,7 @@ async fn exchange_mode_without_an_exchanger_cannot_start() {
     ));
     // A state validation never produces, built by hand as an embedding program could.
     config.mode = token_exchange_proxy::config::Mode::Exchange;
-    assert!(config.exchange.is_none());
+    assert!(config.exchange().is_none());
     let started = token_exchange_proxy::server::start(config).await;
     assert!(
         started.is_err(),

@@ -458,7 +458,7 @@ async fn introspection_reporting_a_token_inactive_removes_its_cached_exchange() 
     );
     // Introspection now says it is revoked.
     issuer.register_opaque(opaque, serde_json::json!({"active": false}));
-    let refused = protection.validator.validate(opaque).await;
+    let refused = protection.validator().validate(opaque).await;
     assert!(refused.is_err(), "{refused:?}");
     let after = exchanger.exchange(opaque, None).await.expect("exchange");
     assert_eq!(

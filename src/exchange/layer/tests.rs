@@ -38,6 +38,7 @@ fn setup() -> Setup {
     let metrics = Arc::new(Metrics::default());
     let readiness = Arc::new(Readiness::default());
     let exchange = Exchange {
+        grant: crate::config::Grant::TokenExchange,
         // No endpoint and no discovery: the IdP is never called.
         token_endpoint: None,
         issuer: "http://127.0.0.1:1".into(),
@@ -108,6 +109,7 @@ fn principal() -> Principal {
         expires_at: None,
         trusted_until: Some(tokio::time::Instant::now() + Duration::from_secs(60)),
         key_epoch: 0,
+        profile: 0,
     }
 }
 
@@ -200,14 +202,22 @@ async fn an_acceptance_from_an_older_key_epoch_is_not_recalled() {
     let s = setup();
     s.remember_exchange().await;
     let key_epoch_now = 1;
+    let digest = crate::inbound::cache::digest;
+    let client = digest(CLIENT_TOKEN);
     assert!(
         s.exchanger
-            .recall(CLIENT_TOKEN, key_epoch_now)
+            .recall(CLIENT_TOKEN, &client, key_epoch_now)
             .await
             .is_none()
     );
-    assert!(s.exchanger.recall(CLIENT_TOKEN, 0).await.is_some());
-    assert!(s.exchanger.recall("another.token.x", 0).await.is_none());
+    assert!(s.exchanger.recall(CLIENT_TOKEN, &client, 0).await.is_some());
+    let another = "another.token.x";
+    assert!(
+        s.exchanger
+            .recall(another, &digest(another), 0)
+            .await
+            .is_none()
+    );
 }
 
 #[tokio::test]

@@ -80,7 +80,12 @@ struct Remembers(Option<&'static str>, Arc<AtomicUsize>);
 impl Recall for Remembers {
     type Recalled = &'static str;
 
-    async fn recall(&self, _: &str, _: u64) -> Option<(Principal, &'static str)> {
+    async fn recall(
+        &self,
+        _: &str,
+        _: &crate::inbound::cache::TokenDigest,
+        _: u64,
+    ) -> Option<(Principal, &'static str)> {
         self.1.fetch_add(1, Ordering::SeqCst);
         self.0.map(|found| {
             let principal = Principal {
@@ -88,6 +93,7 @@ impl Recall for Remembers {
                 expires_at: None,
                 trusted_until: None,
                 key_epoch: 0,
+                profile: 0,
             };
             (principal, found)
         })

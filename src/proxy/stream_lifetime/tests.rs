@@ -60,6 +60,7 @@ fn request(method: Method, expires_in: i64) -> Request<()> {
         expires_at: Some(now.saturating_add_signed(expires_in)),
         trusted_until: None,
         key_epoch: 0,
+        profile: 0,
     });
     req
 }
