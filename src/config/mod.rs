@@ -99,6 +99,9 @@ pub enum ClientAuth {
     PrivateKeyJwt {
         private_key_file: PathBuf,
         key_id: Option<String>,
+        /// The key's X.509 certificate (PEM): its thumbprints go in the assertion's header as
+        /// `x5t` and `x5t#S256` (RFC 7515 §4.1.7–8), as Microsoft Entra ID requires.
+        certificate_file: Option<PathBuf>,
     },
     /// A ready-made assertion (e.g. a projected service-account token), read on every use.
     ClientAssertionFile { assertion_file: PathBuf },
@@ -1190,7 +1193,14 @@ fn client_auth(c: &mut Checker, prefix: &str, a: &raw::RawClientAuth) -> ClientA
                 .unwrap_or_default(),
         )
     };
-    match a.method.as_deref().unwrap_or("client_secret_basic") {
+    let method = a.method.as_deref().unwrap_or("client_secret_basic");
+    if a.certificate_file.is_some() && method != "private_key_jwt" {
+        c.problem(
+            &format!("{prefix}exchange.client_auth.certificate_file"),
+            "only used with method private_key_jwt",
+        );
+    }
+    match method {
         "client_secret_basic" => ClientAuth::ClientSecretBasic {
             secret_file: file(c, "exchange.client_auth.secret_file", &a.secret_file),
         },
@@ -1204,6 +1214,7 @@ fn client_auth(c: &mut Checker, prefix: &str, a: &raw::RawClientAuth) -> ClientA
                 &a.private_key_file,
             ),
             key_id: a.key_id.clone(),
+            certificate_file: a.certificate_file.as_ref().map(PathBuf::from),
         },
         "client_assertion_file" => ClientAuth::ClientAssertionFile {
             assertion_file: file(c, "exchange.client_auth.assertion_file", &a.assertion_file),

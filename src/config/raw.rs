@@ -112,6 +112,7 @@ pub struct RawClientAuth {
     pub secret_file: Option<String>,
     pub private_key_file: Option<String>,
     pub key_id: Option<String>,
+    pub certificate_file: Option<String>,
     pub assertion_file: Option<String>,
 }
 

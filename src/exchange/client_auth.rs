@@ -8,7 +8,9 @@
 //!   jsonwebtoken with the PEM key in `private_key_file` (RSA → RS256, P-256 → ES256,
 //!   P-384 → ES384), with
 //!   `iss` = `sub` = client id, `aud` = the token endpoint, a random `jti`, `iat` and
-//!   `exp` = `iat` + [`ASSERTION_LIFETIME`]; `kid` from `key_id`.
+//!   `exp` = `iat` + [`ASSERTION_LIFETIME`]; `kid` from `key_id`; with `certificate_file`, the
+//!   certificate's SHA-1 and SHA-256 thumbprints as `x5t` and `x5t#S256` (RFC 7515 §4.1.7–8),
+//!   which Microsoft Entra ID uses to find the certificate credential.
 //! - `client_assertion_file` (RFC 7521 §4.2): a ready-made assertion (e.g. a projected
 //!   service-account token) read afresh on every use, since the kubelet rotates it.
 //! - `none`: a public client; only `client_id` is sent.
@@ -56,6 +58,9 @@ pub enum CredentialError {
     /// The private key file is not a usable unencrypted RSA, P-256 or P-384 PEM key.
     #[error("exchange.client_auth.private_key_file {path}: {why}")]
     Key { path: PathBuf, why: &'static str },
+    /// The certificate file holds no PEM `CERTIFICATE`.
+    #[error("exchange.client_auth.certificate_file {path}: {why}")]
+    Certificate { path: PathBuf, why: &'static str },
     /// Signing (or drawing randomness for `jti`) failed.
     #[error("cannot sign the client assertion")]
     Sign,
@@ -85,6 +90,7 @@ enum Method {
     PrivateKeyJwt {
         key: KeyFile,
         key_id: Option<String>,
+        certificate: Option<PathBuf>,
     },
     AssertionFile {
         path: PathBuf,
@@ -129,12 +135,17 @@ impl ClientAuthenticator {
             ClientAuth::PrivateKeyJwt {
                 private_key_file,
                 key_id,
+                certificate_file,
             } => {
                 let pem = check_readable(private_key_file)?;
                 SigningKey::from_pem(pem.expose_secret(), private_key_file)?;
+                if let Some(path) = certificate_file {
+                    Thumbprints::from_pem(check_readable(path)?.expose_secret(), path)?;
+                }
                 Method::PrivateKeyJwt {
                     key: KeyFile::new(private_key_file),
                     key_id: key_id.clone(),
+                    certificate: certificate_file.clone(),
                 }
             }
             ClientAuth::ClientAssertionFile { assertion_file } => {
@@ -167,12 +178,27 @@ impl ClientAuthenticator {
                 authorization: None,
                 params: vec![("client_id", id()), ("client_secret", secret.get().await?)],
             },
-            Method::PrivateKeyJwt { key, key_id } => {
+            Method::PrivateKeyJwt {
+                key,
+                key_id,
+                certificate,
+            } => {
                 let key = key.get().await?;
+                // Read on every use, like the key: cert-manager renews both together.
+                let thumbprints = match certificate {
+                    Some(path) => Some(Thumbprints::from_pem(
+                        secret::read_trimmed(path).await?.expose_secret(),
+                        path,
+                    )?),
+                    None => None,
+                };
                 let assertion = key.sign_assertion(
                     &self.client_id,
                     token_endpoint.as_str(),
-                    key_id.as_deref(),
+                    AssertionHeader {
+                        key_id: key_id.as_deref(),
+                        thumbprints: thumbprints.as_ref(),
+                    },
                     SystemTime::now(),
                 )?;
                 assertion_params(id(), assertion)
@@ -284,13 +310,13 @@ impl SigningKey {
     }
 
     /// A client assertion (RFC 7523 §3): `iss` = `sub` = `client_id`, `aud` = `audience`,
-    /// random `jti`, `iat` = now, `exp` = now + [`ASSERTION_LIFETIME`]; `typ` is `JWT` and
-    /// `kid` is `key_id`.
+    /// random `jti`, `iat` = now, `exp` = now + [`ASSERTION_LIFETIME`]; `typ` is `JWT`, and
+    /// `kid`, `x5t` and `x5t#S256` as `header_fields` says.
     pub(crate) fn sign_assertion(
         &self,
         client_id: &str,
         audience: &str,
-        key_id: Option<&str>,
+        header_fields: AssertionHeader<'_>,
         now: SystemTime,
     ) -> Result<SecretString, CredentialError> {
         #[derive(Serialize)]
@@ -306,7 +332,11 @@ impl SigningKey {
         let mut jti = [0u8; JTI_BYTES];
         aws_lc_rs::rand::fill(&mut jti).map_err(|_| CredentialError::Sign)?;
         let mut header = Header::new(self.alg);
-        header.kid = key_id.map(str::to_owned);
+        header.kid = header_fields.key_id.map(str::to_owned);
+        if let Some(t) = header_fields.thumbprints {
+            header.x5t = Some(t.sha1.clone());
+            header.x5t_s256 = Some(t.sha256.clone());
+        }
         let claims = Claims {
             iss: client_id,
             sub: client_id,
@@ -318,6 +348,42 @@ impl SigningKey {
         jsonwebtoken::encode(&header, &claims, &self.key)
             .map(SecretString::from)
             .map_err(|_| CredentialError::Sign)
+    }
+}
+
+/// What a client assertion's JOSE header names besides `alg` and `typ`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct AssertionHeader<'a> {
+    /// `kid`.
+    pub(crate) key_id: Option<&'a str>,
+    /// `x5t` and `x5t#S256`.
+    pub(crate) thumbprints: Option<&'a Thumbprints>,
+}
+
+/// A certificate's thumbprints (RFC 7515 §4.1.7–8): base64url of the SHA-1 and SHA-256
+/// digests of its DER encoding. SHA-1 here only names a certificate; it protects nothing.
+pub(crate) struct Thumbprints {
+    sha1: String,
+    sha256: String,
+}
+
+impl Thumbprints {
+    /// The thumbprints of the first `CERTIFICATE` block of `pem` (RFC 7468 §5).
+    pub(crate) fn from_pem(pem: &str, path: &Path) -> Result<Self, CredentialError> {
+        let err = |why| CredentialError::Certificate {
+            path: path.to_path_buf(),
+            why,
+        };
+        let block = ::pem::parse_many(pem)
+            .map_err(|_| err("not PEM"))?
+            .into_iter()
+            .find(|b| b.tag() == "CERTIFICATE")
+            .ok_or_else(|| err("no CERTIFICATE block"))?;
+        let digest = |alg| URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(alg, block.contents()));
+        Ok(Self {
+            sha1: digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY),
+            sha256: digest(&aws_lc_rs::digest::SHA256),
+        })
     }
 }
 
@@ -371,6 +437,45 @@ mod tests {
         )
     }
 
+    fn kid(id: &str) -> AssertionHeader<'_> {
+        AssertionHeader {
+            key_id: Some(id),
+            thumbprints: None,
+        }
+    }
+
+    #[test]
+    fn certificate_thumbprints_are_base64url_digests_of_the_der() {
+        // FIPS 180 test vectors: the digests of "abc".
+        let t =
+            Thumbprints::from_pem(&pem("CERTIFICATE", b"abc"), Path::new("c.pem")).expect("parse");
+        assert_eq!(t.sha1, "qZk-NkcGgWq6PiVxeFDCbJzQ2J0");
+        assert_eq!(t.sha256, "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0");
+        let e = Thumbprints::from_pem(&pem("PRIVATE KEY", b"abc"), Path::new("c.pem"))
+            .err()
+            .expect("a key is not a certificate");
+        assert_eq!(
+            e.to_string(),
+            "exchange.client_auth.certificate_file c.pem: no CERTIFICATE block"
+        );
+
+        let (_, pkcs8) = ec_pair(&ECDSA_P256_SHA256_FIXED_SIGNING);
+        let key = SigningKey::from_pem(&pem("PRIVATE KEY", pkcs8.as_ref()), Path::new("k.pem"))
+            .expect("parse");
+        let header = AssertionHeader {
+            key_id: None,
+            thumbprints: Some(&t),
+        };
+        let jws = key
+            .sign_assertion("txp", "aud", header, SystemTime::now())
+            .expect("sign");
+        let (h, _) = jws.expose_secret().split_once('.').expect("parts");
+        let h: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).expect("b64")).expect("json");
+        assert_eq!(h["x5t"], "qZk-NkcGgWq6PiVxeFDCbJzQ2J0");
+        assert_eq!(h["x5t#S256"], "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0");
+    }
+
     /// A fresh EC key pair on the curve of `alg`, and its PKCS#8 form.
     fn ec_pair(alg: &'static EcdsaSigningAlgorithm) -> (EcdsaKeyPair, Vec<u8>) {
         let pkcs8 = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new()).expect("key");
@@ -405,7 +510,7 @@ mod tests {
         assert_eq!(key.alg, Algorithm::ES256);
         let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let jws = key
-            .sign_assertion("txp", "https://idp/token", Some("k1"), now)
+            .sign_assertion("txp", "https://idp/token", kid("k1"), now)
             .expect("sign");
         let c = verify(
             jws.expose_secret(),
@@ -421,7 +526,7 @@ mod tests {
         assert_eq!(c["iat"], 1_700_000_000);
         assert_eq!(c["exp"], 1_700_000_060);
         let again = key
-            .sign_assertion("txp", "https://idp/token", Some("k1"), now)
+            .sign_assertion("txp", "https://idp/token", kid("k1"), now)
             .expect("sign");
         let c2 = verify(
             again.expose_secret(),
@@ -446,7 +551,7 @@ mod tests {
             .expect("parse");
         assert_eq!(key.alg, Algorithm::ES384);
         let jws = key
-            .sign_assertion("txp", "aud", None, SystemTime::now())
+            .sign_assertion("txp", "aud", AssertionHeader::default(), SystemTime::now())
             .expect("sign");
         let c = verify(
             jws.expose_secret(),
@@ -481,7 +586,7 @@ mod tests {
             .expect("parse");
         assert_eq!(key.alg, Algorithm::RS256);
         let jws = key
-            .sign_assertion("txp", "aud", None, SystemTime::now())
+            .sign_assertion("txp", "aud", AssertionHeader::default(), SystemTime::now())
             .expect("sign");
         verify(
             jws.expose_secret(),
@@ -590,6 +695,7 @@ mod tests {
             &ClientAuth::PrivateKeyJwt {
                 private_key_file: path.clone(),
                 key_id: Some("k1".into()),
+                certificate_file: None,
             },
         )
         .expect("jwt");
@@ -626,6 +732,7 @@ mod tests {
             ClientAuth::PrivateKeyJwt {
                 private_key_file: missing.clone(),
                 key_id: None,
+                certificate_file: None,
             },
             ClientAuth::ClientAssertionFile {
                 assertion_file: missing.clone(),

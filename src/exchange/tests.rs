@@ -184,6 +184,7 @@ fn setup_fails_naming_the_key_and_file_but_no_content() {
         ClientAuth::PrivateKeyJwt {
             private_key_file: key,
             key_id: None,
+            certificate_file: None,
         },
     );
     let idp = IdpClient::new(&IdpTls {

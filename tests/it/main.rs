@@ -3,12 +3,14 @@
 mod support;
 
 mod cli;
+mod entra;
 mod exchange;
 mod forwarding;
 mod hardening;
 mod inbound;
 mod lifetime;
 mod online;
+mod profiles;
 mod rmcp_example;
 mod shutdown;
 mod upstream_pool;

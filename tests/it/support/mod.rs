@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod entra;
 pub mod issuer;
 pub mod keepalive;
 pub mod token_endpoint;
