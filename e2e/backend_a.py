@@ -1,8 +1,8 @@
 """Backend A: an MCP server (official Python SDK, FastMCP) protected by bearer tokens.
 
 It stands for the unmodified backend behind the proxy. Every request must carry a JWT
-signed by the issuer (keys from the issuer's JWKS, found through its metadata), with
-`iss` equal to the issuer, not expired, and an `aud` that contains one of the accepted
+signed by an accepted issuer (`--issuer`, repeatable; keys from that issuer's JWKS, found
+through its metadata), with `iss` equal to that issuer, not expired, and an `aud` that contains one of the accepted
 audiences. By default the only accepted audience is the server's own URL
 (http://HOST:PORT/mcp), which is what the identity provider puts into a token that was
 exchanged with `resource` (or `audience`) set to that URL.
@@ -64,21 +64,26 @@ def discover_jwks_uri(issuer: str, timeout: float = 5.0) -> str:
 
 
 class JwksTokenVerifier:
-    """Verifies JWT bearer tokens against the issuer's JWKS."""
+    """Verifies JWT bearer tokens against the JWKS of the issuer their `iss` names."""
 
-    def __init__(self, issuer: str, audiences: list[str]) -> None:
-        self.issuer = issuer
+    def __init__(self, issuers: list[str], audiences: list[str]) -> None:
         self.audiences = audiences
-        self.jwks = jwt.PyJWKClient(discover_jwks_uri(issuer), cache_keys=True, lifespan=300, timeout=5)
+        self.jwks = {
+            issuer: jwt.PyJWKClient(discover_jwks_uri(issuer), cache_keys=True, lifespan=300, timeout=5)
+            for issuer in issuers
+        }
 
     def _decode(self, token: str) -> dict[str, Any]:
-        key = self.jwks.get_signing_key_from_jwt(token)
+        issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        if issuer not in self.jwks:
+            raise jwt.InvalidIssuerError(f"issuer {issuer!r} is not accepted")
+        key = self.jwks[issuer].get_signing_key_from_jwt(token)
         return jwt.decode(
             token,
             key.key,
             algorithms=ALGORITHMS,
             audience=self.audiences,
-            issuer=self.issuer,
+            issuer=issuer,
             leeway=5,
             options={"require": ["exp", "iss", "aud", "sub"]},
         )
@@ -110,15 +115,15 @@ class JwksTokenVerifier:
         )
 
 
-def build_server(host: str, port: int, issuer: str, audiences: list[str]) -> FastMCP:
+def build_server(host: str, port: int, issuers: list[str], audiences: list[str]) -> FastMCP:
     own_url = f"http://{host}:{port}/mcp"
     mcp = FastMCP(
         name="backend-a",
         host=host,
         port=port,
-        token_verifier=JwksTokenVerifier(issuer, audiences),
+        token_verifier=JwksTokenVerifier(issuers, audiences),
         auth=AuthSettings(
-            issuer_url=issuer,
+            issuer_url=issuers[0],
             resource_server_url=own_url,
             validate_token_resource=False,  # the verifier checks `aud` itself
         ),
@@ -158,7 +163,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description="Backend A: bearer-protected MCP server for the e2e suite")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--issuer", required=True, help="issuer of accepted tokens (exact `iss`)")
+    p.add_argument("--issuer", action="append", required=True,
+                   help="issuer of accepted tokens (exact `iss`; repeatable)")
     p.add_argument(
         "--accept-audience",
         action="append",
@@ -174,7 +180,7 @@ def main() -> int:
         audiences = os.environ["BACKEND_A_ACCEPT_AUDIENCE"].split()
     if not audiences:
         audiences = [f"http://{args.host}:{args.port}/mcp"]
-    log.info("backend-a on http://%s:%d/mcp, issuer %s, accepted audiences %s", args.host, args.port, args.issuer, audiences)
+    log.info("backend-a on http://%s:%d/mcp, issuers %s, accepted audiences %s", args.host, args.port, args.issuer, audiences)
     server = build_server(args.host, args.port, args.issuer, audiences)
     server.run(transport="streamable-http")
     return 0

@@ -106,10 +106,11 @@ def make_proxy(workdir: Path, txp_bin: Path, request: pytest.FixtureRequest) -> 
         port = port or harness.free_port()
         resource = f"http://{harness.LOOPBACK}:{port}/mcp"
         cfg = dict(config)
-        inbound = dict(cfg.get("inbound", {}))
-        if not inbound.get("audiences"):
-            inbound["audiences"] = [resource]
-        cfg["inbound"] = inbound
+        if "profiles" not in cfg:  # each profile names its own audiences
+            inbound = dict(cfg.get("inbound", {}))
+            if not inbound.get("audiences"):
+                inbound["audiences"] = [resource]
+            cfg["inbound"] = inbound
         cfg.setdefault("protected_resource", {"resource": resource})
         p = Proxy(workdir, f"{request.node.name}-{name}", cfg, port=port, secret=secret)
         started.append(p)

@@ -203,14 +203,14 @@ class Client:
 class Idp:
     """authgent-server on a free loopback port, with a SQLite database in its own directory."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir / "idp"
+    def __init__(self, workdir: Path, name: str = "idp") -> None:
+        self.dir = workdir / name
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.proc = Proc(
-            name="idp (authgent-server)",
+            name=f"{name} (authgent-server)",
             argv=[str(IDP_BIN), "run", "--host", LOOPBACK, "--port", str(self.port)],
-            log_path=workdir / "idp.log",
+            log_path=workdir / f"{name}.log",
             cwd=self.dir,
             env={
                 "AUTHGENT_SERVER_URL": self.url,
@@ -325,13 +325,15 @@ class BackendA:
     """e2e/backend_a.py: FastMCP server verifying JWTs against the IdP's JWKS."""
 
     def __init__(self, workdir: Path, idp: Idp, name: str = "backend-a",
-                 accept_audiences: list[str] | None = None) -> None:
+                 accept_audiences: list[str] | None = None, more_idps: list[Idp] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
         self.mcp_url = f"{self.url}/mcp"
         self.accept_audiences = accept_audiences or [self.mcp_url]
         argv = [str(BACKEND_PY), str(E2E_DIR / "backend_a.py"), "--host", LOOPBACK,
-                "--port", str(self.port), "--issuer", idp.url]
+                "--port", str(self.port)]
+        for issuer in [idp, *(more_idps or [])]:
+            argv += ["--issuer", issuer.url]
         for aud in accept_audiences or []:
             argv += ["--accept-audience", aud]
         self.proc = Proc(name=name, argv=argv, log_path=workdir / f"{name}.log", cwd=workdir / name,
