@@ -172,6 +172,28 @@ EOF
   fi
 }
 
+# two_profiles_config FILE PORT ADMIN_PORT: the exchange-mode config of proxy_config as two
+# profiles (README "Several issuers"): first one for an issuer no bench token names (keys and
+# IdP shared with the second, which only costs start-up fetches), then the fake IdP's, so that
+# every request is routed past the first.
+two_profiles_config() {
+  {
+    printf 'listen: 127.0.0.1:%s\nadmin_listen: 127.0.0.1:%s\nupstream:\n  url: http://%s\n' \
+      "$2" "$3" "$BACKEND"
+    printf 'shutdown:\n  drain_delay: 0s\n  timeout: 2s\nprofiles:\n'
+    local name issuer
+    for name in partner corp; do
+      issuer="$ISSUER"
+      [ "$name" = partner ] && issuer="http://127.0.0.1:1/partner"
+      printf '  - name: %s\n' "$name"
+      printf "    inbound: {issuer: '%s', jwks_uri: '%s/jwks', audiences: [bench-api]}\n" "$issuer" "$ISSUER"
+      printf '    exchange:\n      token_endpoint: %s/token\n      client_id: txp-bench\n' "$ISSUER"
+      printf '      client_auth: {method: client_secret_post, secret_file: %s/client-secret}\n' "$work"
+      printf '      audience: [bench-backend]\n'
+    done
+  } >"$1"
+}
+
 # start_proxy NAME MODE [LOG_LEVEL]: starts the proxy on the proxy core; sets URL, ADMIN,
 # SUT_PID.
 start_proxy() {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where the proxy's CPU goes on the cache-hit path, measured without noise: user-space
 # instructions per request (valgrind --tool=callgrind), for the bare forwarder, the proxy in
-# passthrough mode, in exchange mode (cache hit) and in exchange mode with the access log off,
+# passthrough mode, in exchange mode (cache hit), in exchange mode with the access log off and
+# with two profiles (README "Several issuers"),
 # plus the inclusive cost of the proxy's own steps. Instruction counts do not depend on what
 # else runs on the machine, so they compare builds reliably where requests/s cannot.
 #
@@ -75,7 +76,13 @@ for spec in passthrough:passthrough: exchange_hit:exchange: exchange_hit_nolog:e
     "$PROXY" --config "$work/$name.yaml"
 done
 
-for name in bare passthrough exchange_hit exchange_hit_nolog; do
+port="$(free_port)"
+admin="$(free_port)"
+two_profiles_config "$work/exchange_hit_two_profiles.yaml" "$port" "$admin"
+profile exchange_hit_two_profiles "http://127.0.0.1:$admin/readyz" "http://127.0.0.1:$port/mcp" \
+  "$PROXY" --config "$work/exchange_hit_two_profiles.yaml"
+
+for name in bare passthrough exchange_hit exchange_hit_nolog exchange_hit_two_profiles; do
   # The dump requested above is NAME.callgrind.1; NAME.callgrind is written at exit.
   f="$work/$name.callgrind"
   for g in "$work/$name.callgrind".*; do
@@ -113,7 +120,7 @@ def find(costs, pattern):
 
 rows = []
 totals = {}
-for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog"]:
+for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog", "exchange_hit_two_profiles"]:
     total, costs = load(name)
     totals[name] = (total, costs)
 
@@ -139,9 +146,14 @@ w("|---|---:|---:|")
 bare_total = totals["bare"][0]
 for name, label in [("bare", "bare forwarder"), ("passthrough", "proxy, passthrough"),
                     ("exchange_hit", "proxy, exchange, cache hit"),
-                    ("exchange_hit_nolog", "proxy, exchange, cache hit, access log off")]:
+                    ("exchange_hit_nolog", "proxy, exchange, cache hit, access log off"),
+                    ("exchange_hit_two_profiles", "proxy, exchange, cache hit, two profiles (tokens of the second)")]:
     t = totals[name][0]
     w(f"| {label} | {t / n:,.0f} | {t / bare_total:.2f}× |")
+w("")
+one, two = totals["exchange_hit"][0], totals["exchange_hit_two_profiles"][0]
+w(f"Two profiles cost {(two - one) / n:,.0f} instructions per request more than one "
+  f"({100 * (two - one) / one:+.2f}%): the issuer's routing and one more cache lookup.")
 w("")
 w("Inclusive cost of the proxy's steps (exchange, cache hit):")
 w("")

@@ -20,6 +20,7 @@ CASES = [
     ("exchange_miss", "token-exchange-proxy, exchange, every request a miss"),
     ("envoy_jwt_authn", "Envoy 1.40 jwt_authn"),
     ("exchange_hit_nolog", "diagnostic: exchange, cache hit, access log off"),
+    ("exchange_hit_two_profiles", "exchange, cache hit, two profiles (tokens of the second)"),
 ]
 
 # KiB per MiB (VmRSS is reported in KiB).
@@ -184,6 +185,13 @@ def main():
     targets.append(("cache-hit max req/s ≥ 85% of bare forwarder",
                     fmt(r * 100 if r else None, "{:.0f}%") + per_run("rps", "bare_forwarder", "{:.2f}")
                     + f"; ratio of medians {fmt(rm * 100 if rm else None, '{:.0f}%')}", r is not None and r >= 0.85))
+    r = paired("exchange_hit_two_profiles", "exchange_hit", "cpu_us_per_req")
+    if r is not None:
+        targets.append(("two profiles: cache-hit CPU/request ≤ 1.02× one profile",
+                        fmt(r, "{:.3f}×") + " (median of the rounds' ratios; by run: "
+                        + ", ".join(f"{v:.3f}" for v in round_ratios("exchange_hit_two_profiles", "exchange_hit",
+                                                                       "cpu_us_per_req")) + ")",
+                        r <= 1.02))
     if single:
         targets.append(("1,000 concurrent, one new token → exactly 1 IdP call", str(single["idp_calls"]), single["idp_calls"] == 1))
     if memory:

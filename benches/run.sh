@@ -12,6 +12,8 @@
 #                          token: full ES256 validation + one RFC 8693 call (5 ms at the IdP)
 #   6. Envoy jwt_authn   → Envoy 1.40 validating the same tokens (local JWKS), the peer
 #   7. diagnostic        → case 4 with the access log off (log.level: warn), to show its cost
+#   8. two profiles      → case 4 with a second issuer's profile listed before the one the
+#                          tokens belong to (README "Several issuers"): the profile lookup's cost
 #
 # For each: max requests/s (wrk, closed loop, median of BENCH_REPS runs, interleaved across
 # cases), CPU time of the server under test per request (utime+stime from /proc/PID/stat),
@@ -163,6 +165,20 @@ EOF
   fi
 }
 
+# start_two_profiles NAME: the exchange-mode proxy of case 4 with two profiles (lib.sh,
+# two_profiles_config); sets URL, ADMIN, SUT_PID.
+start_two_profiles() {
+  local port admin
+  port="$(free_port)"
+  admin="$(free_port)"
+  two_profiles_config "$work/$1.yaml" "$port" "$admin"
+  TOKIO_WORKER_THREADS=1 START_OUT=/dev/null start "$1" "$PROXY_CPU" "$PROXY" --config "$work/$1.yaml"
+  SUT_PID=$STARTED_PID
+  URL="http://127.0.0.1:$port/mcp"
+  ADMIN="127.0.0.1:$admin"
+  wait_http "http://$ADMIN/readyz" || die "$1 did not become ready"
+}
+
 # ---------------------------------------------------------------------------------------------
 # Measurements. Every result is one JSON line in $RESULTS.
 #
@@ -248,7 +264,8 @@ latency() {
 }
 
 # The servers under test, side by side on the proxy core.
-CASE_NAMES=(direct bare_forwarder passthrough exchange_hit exchange_miss envoy_jwt_authn exchange_hit_nolog)
+CASE_NAMES=(direct bare_forwarder passthrough exchange_hit exchange_miss envoy_jwt_authn exchange_hit_nolog
+  exchange_hit_two_profiles)
 declare -A CASE_URL CASE_PID
 CASE_URL[direct]="http://$BACKEND/mcp"
 CASE_PID[direct]="$NO_PID"
@@ -265,6 +282,8 @@ CASE_URL[envoy_jwt_authn]="$URL"; CASE_PID[envoy_jwt_authn]="$SUT_PID"
 # Diagnostic: the cache-hit proxy with the access log off (log.level: warn), to show its cost.
 start_proxy exchange_hit_nolog exchange warn
 CASE_URL[exchange_hit_nolog]="$URL"; CASE_PID[exchange_hit_nolog]="$SUT_PID"
+start_two_profiles exchange_hit_two_profiles
+CASE_URL[exchange_hit_two_profiles]="$URL"; CASE_PID[exchange_hit_two_profiles]="$SUT_PID"
 log "servers under test: ${CASE_NAMES[*]}"
 
 # Token files. Cache hits: HIT_TOKENS tokens, round-robin, each sent once before measuring.
