@@ -151,6 +151,27 @@ mod tests {
     use super::*;
     use crate::config::{ACCESS_TOKEN_TYPE, ClientAuth};
 
+    /// The smallest exchange section: a public client `txp`, every list empty.
+    fn minimal(grant: Grant, scope: Option<&str>) -> Exchange {
+        Exchange {
+            grant,
+            token_endpoint: None,
+            issuer: "https://idp.example.com".into(),
+            client_id: "txp".into(),
+            client_auth: ClientAuth::None,
+            audience: vec![],
+            resource: vec![],
+            scope: scope.map(str::to_owned),
+            subject_token_type: ACCESS_TOKEN_TYPE.into(),
+            requested_token_type: ACCESS_TOKEN_TYPE.into(),
+            extra_params: BTreeMap::new(),
+            timeout: Duration::from_secs(5),
+            max_concurrent: 64,
+            negative_ttl: Duration::from_secs(10),
+            verify_issued: crate::config::VerifyIssued::Auto,
+        }
+    }
+
     fn pairs(body: &str) -> Vec<(String, String)> {
         url::form_urlencoded::parse(body.as_bytes())
             .into_owned()
@@ -209,23 +230,7 @@ mod tests {
 
     #[test]
     fn a_minimal_form_has_no_empty_parameters() {
-        let config = Exchange {
-            grant: crate::config::Grant::TokenExchange,
-            token_endpoint: None,
-            issuer: "https://idp.example.com".into(),
-            client_id: "txp".into(),
-            client_auth: ClientAuth::None,
-            audience: vec![],
-            resource: vec![],
-            scope: None,
-            subject_token_type: ACCESS_TOKEN_TYPE.into(),
-            requested_token_type: ACCESS_TOKEN_TYPE.into(),
-            extra_params: BTreeMap::new(),
-            timeout: Duration::from_secs(5),
-            max_concurrent: 64,
-            negative_ttl: Duration::from_secs(10),
-            verify_issued: crate::config::VerifyIssued::Auto,
-        };
+        let config = minimal(Grant::TokenExchange, None);
         let body = FormTemplate::new(&config).body("t", &[]);
         let keys: Vec<String> = pairs(&body).into_iter().map(|(k, _)| k).collect();
         assert_eq!(
@@ -241,23 +246,7 @@ mod tests {
 
     #[test]
     fn the_on_behalf_of_form_is_entras() {
-        let config = Exchange {
-            grant: Grant::JwtBearerObo,
-            token_endpoint: None,
-            issuer: "https://login.microsoftonline.com/tenant/v2.0".into(),
-            client_id: "proxy-app".into(),
-            client_auth: ClientAuth::None,
-            audience: vec![],
-            resource: vec![],
-            scope: Some("api://backend/.default".into()),
-            subject_token_type: ACCESS_TOKEN_TYPE.into(),
-            requested_token_type: ACCESS_TOKEN_TYPE.into(),
-            extra_params: BTreeMap::new(),
-            timeout: Duration::from_secs(5),
-            max_concurrent: 64,
-            negative_ttl: Duration::from_secs(10),
-            verify_issued: crate::config::VerifyIssued::Auto,
-        };
+        let config = minimal(Grant::JwtBearerObo, Some("api://backend/.default"));
         let body = FormTemplate::new(&config)
             .body("eyJ.a.b", &[("client_id", SecretString::from("proxy-app"))]);
         let want: Vec<(String, String)> = [

@@ -13,7 +13,7 @@ use crate::support::entra::{
     Answer, CA_CLAIMS, CLIENT_ID, Credential, Entra, FEDERATION_AUDIENCE, OBO_GRANT,
 };
 use crate::support::issuer::{Key, now};
-use crate::support::{Echo, client, eventually, metric};
+use crate::support::{Echo, client, eventually, metric, wait_ready};
 
 /// The resource API the backend is registered as, and the scope the proxy asks for.
 const BACKEND_SCOPE: &str = "api://notes-backend/.default";
@@ -61,13 +61,7 @@ async fn obo(entra: Entra, client_auth: &str, files: &[(&str, &str)], top: &str)
         entra.issuer(),
     );
     let proxy = crate::support::proxy(&yaml).await;
-    let admin = proxy.admin_addr;
-    let ready = eventually(Duration::from_secs(15), async || {
-        let r = client().get(format!("http://{admin}/readyz")).send().await;
-        r.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "proxy never became ready");
+    wait_ready(proxy.admin_addr).await;
     Obo {
         entra,
         echo,

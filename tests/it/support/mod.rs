@@ -420,6 +420,41 @@ async fn answer(req: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, String)
     (status, headers, resp.text().await.expect("body"))
 }
 
+/// A form-encoded request (RFC 6749 §4.1.3 and after) as a token endpoint reads it.
+pub struct FormRequest {
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    /// Whether `Content-Type` is `application/x-www-form-urlencoded`.
+    pub form_content: bool,
+    /// The form's pairs, decoded, in order.
+    pub form: Vec<(String, String)>,
+}
+
+/// Reads `req` whole as a [`FormRequest`].
+pub async fn read_form(req: Request<Incoming>) -> FormRequest {
+    let authorization = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let form_content = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/x-www-form-urlencoded");
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let form = url::form_urlencoded::parse(&body).into_owned().collect();
+    FormRequest {
+        authorization,
+        form_content,
+        form,
+    }
+}
+
 /// Waits up to 15 s for `/readyz` on `admin` to answer 200.
 pub async fn wait_ready(admin: SocketAddr) {
     let ready = eventually(Duration::from_secs(15), async || {

@@ -30,7 +30,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tokio::net::TcpListener;
@@ -296,25 +296,11 @@ impl TokenEndpoint {
     }
 
     async fn token(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let authorization = req
-            .headers()
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let content_type_ok = req
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|v| v == "application/x-www-form-urlencoded");
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+        let request = super::read_form(req).await;
+        let content_type_ok = request.form_content;
         let mut seen = Seen {
-            form,
-            authorization,
+            form: request.form,
+            authorization: request.authorization,
             issued: None,
             client_ok: false,
         };
