@@ -226,7 +226,9 @@ label_enum!(
 });
 
 label_enum!(
-    /// Outcome of a JWKS fetch (`txp_jwks_refreshes_total{result}`).
+    /// Outcome of a JWKS fetch (`txp_jwks_refreshes_total{result}`), of an exchange ahead of
+    /// time (`txp_exchange_refreshes_total{result}`) and of a TLS pair reload
+    /// (`txp_tls_reloads_total{result}`).
     RefreshResult, "result", {
     Success => "success",
     Failure => "failure",
@@ -273,6 +275,8 @@ pub struct Metrics {
     pub exchange_refreshes: LabeledCounter<RefreshResult>,
     /// Requests served a cached token past its serving window while the IdP was unavailable.
     pub stale_served: AtomicU64,
+    /// Loads of a changed `tls.cert_file` / `tls.key_file` pair (README "HTTPS").
+    pub tls_reloads: LabeledCounter<RefreshResult>,
     /// Event streams the proxy ended, by reason.
     pub streams_ended: LabeledCounter<StreamEnd>,
     /// Cache entries removed by `POST /cache/purge`.
@@ -310,6 +314,7 @@ impl Metrics {
             jwks_refreshes: LabeledCounter::default(),
             exchange_refreshes: LabeledCounter::default(),
             stale_served: AtomicU64::new(0),
+            tls_reloads: LabeledCounter::default(),
             streams_ended: LabeledCounter::default(),
             cache_purged: AtomicU64::new(0),
             exchange_requests: ProfileCounter::new(names),
@@ -420,6 +425,11 @@ impl Metrics {
             &mut out,
             "txp_exchange_refreshes_total",
             "Exchanges made ahead of a cached token's end, by result.",
+        );
+        self.tls_reloads.render(
+            &mut out,
+            "txp_tls_reloads_total",
+            "Loads of a changed tls.cert_file/tls.key_file pair, by result (failure: the previous pair is still served).",
         );
         for (name, help, v) in [
             (

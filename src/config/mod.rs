@@ -58,6 +58,9 @@ pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(30);
 /// Longest duration any key accepts: far beyond any sensible timeout, delay or cache lifetime,
 /// and far below where deadline arithmetic (`Instant` + duration) could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often `tls.cert_file` and `tls.key_file` are looked at: a renewed certificate is
+/// served within two polls, and reading two small files every few seconds costs nothing.
+pub const DEFAULT_TLS_POLL_INTERVAL: Duration = Duration::from_secs(5);
 /// Time for the endpoints controller to take the pod out of the Service after SIGTERM.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Fits in Kubernetes' default 30 s grace period together with the drain delay.
@@ -113,6 +116,8 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub mode: Mode,
     pub public_url: Option<Url>,
+    /// `None`: plain HTTP (HTTP/1.1 and h2c) on `listen`.
+    pub tls: Option<Tls>,
     /// Peers whose `X-Forwarded-*` and `Forwarded` headers are kept (e.g. the ingress).
     #[serde(serialize_with = "ser_nets")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -210,6 +215,20 @@ pub struct Cors {
     pub allowed_origins: Vec<String>,
     #[serde(serialize_with = "ser_duration")]
     pub max_age: Duration,
+}
+
+/// `tls.*`: HTTPS on the proxy listener (README "HTTPS"). The files are read when the proxy
+/// starts (and by `check-config`), then re-read when they change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tls {
+    /// PEM certificate chain, end-entity certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the first certificate.
+    pub key_file: PathBuf,
+    /// How often the files are looked at; not a config key ([`DEFAULT_TLS_POLL_INTERVAL`];
+    /// tests shorten it).
+    #[serde(skip)]
+    pub poll_interval: Duration,
 }
 
 /// `upstream.*`
@@ -601,6 +620,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let trusted_proxies = trusted_proxies(&mut c, raw.trusted_proxies.as_deref());
     let cors = raw.cors.as_ref().map(|rc| cors(&mut c, rc));
+    let tls = raw.tls.as_ref().map(|t| Tls {
+        cert_file: PathBuf::from(
+            c.required("tls.cert_file", t.cert_file.as_deref())
+                .unwrap_or_default(),
+        ),
+        key_file: PathBuf::from(
+            c.required("tls.key_file", t.key_file.as_deref())
+                .unwrap_or_default(),
+        ),
+        poll_interval: DEFAULT_TLS_POLL_INTERVAL,
+    });
 
     let allow_plain_http = raw.idp_tls.allow_plain_http.unwrap_or(false);
     let idp = Some(allow_plain_http);
@@ -755,6 +785,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin_listen,
         mode,
         public_url,
+        tls,
         trusted_proxies,
         cors,
         upstream: Upstream {

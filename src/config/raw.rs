@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub admin_listen: Option<String>,
     pub mode: Option<String>,
     pub public_url: Option<String>,
+    pub tls: Option<RawTls>,
     pub trusted_proxies: Option<Vec<String>>,
     pub cors: Option<RawCors>,
     #[serde(default)]
@@ -47,6 +48,14 @@ pub struct RawProfile {
 pub struct RawCors {
     pub allowed_origins: Option<Vec<String>>,
     pub max_age: Option<String>,
+}
+
+/// `tls`: HTTPS on the proxy listener (README "HTTPS").
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -38,7 +38,8 @@ pub struct Upstream {
     host: HeaderValue,
     /// `scheme://authority` of the backend.
     base: String,
-    /// `X-Forwarded-Proto`: the scheme of `public_url`, else `http`.
+    /// `X-Forwarded-Proto`: `https` with `tls` (README "HTTPS"), else the scheme of
+    /// `public_url`, else `http`.
     forwarded_proto: &'static str,
     preserve_host: bool,
     response_header_timeout: Duration,
@@ -57,6 +58,7 @@ impl Upstream {
         let host = HeaderValue::from_str(&authority)
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         let forwarded_proto = match config.public_url.as_ref().map(url::Url::scheme) {
+            _ if config.tls.is_some() => "https",
             Some("https") => "https",
             _ => "http",
         };

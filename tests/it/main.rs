@@ -11,4 +11,5 @@ mod lifetime;
 mod online;
 mod rmcp_example;
 mod shutdown;
+mod tls;
 mod upstream_pool;

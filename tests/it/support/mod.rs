@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod issuer;
 pub mod keepalive;
 pub mod token_endpoint;
