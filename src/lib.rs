@@ -26,6 +26,7 @@ pub mod response;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tls;
 
 pub use exchange::TokenExchangeLayer;

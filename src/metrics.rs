@@ -87,6 +87,11 @@ impl<L: Label> LabeledCounter<L> {
         self.values[label.index()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` for `label`.
+    pub fn add(&self, label: L, n: u64) {
+        self.values[label.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Current value for `label`.
     pub fn get(&self, label: L) -> u64 {
         self.values[label.index()].load(Ordering::Relaxed)
@@ -235,6 +240,16 @@ label_enum!(
 });
 
 label_enum!(
+    /// Why finished spans never reached the collector (`txp_trace_spans_dropped_total{reason}`).
+    SpanDrop, "reason", {
+    /// The export queue was full (the collector slow or absent): dropped at once, so that a
+    /// request never waits for telemetry.
+    QueueFull => "queue_full",
+    /// The export failed or timed out (README "Traces").
+    ExportFailed => "export_failed",
+});
+
+label_enum!(
     /// Why the proxy ended an event stream (`txp_streams_ended_total{reason}`).
     StreamEnd, "reason", {
     /// The client token it was opened with expired (`inbound.stream_lifetime: token`).
@@ -277,6 +292,10 @@ pub struct Metrics {
     pub stale_served: AtomicU64,
     /// Loads of a changed `tls.cert_file` / `tls.key_file` pair (README "HTTPS").
     pub tls_reloads: LabeledCounter<RefreshResult>,
+    /// Finished spans exported to the OTLP collector (README "Traces").
+    pub spans_exported: AtomicU64,
+    /// Finished spans that never reached the collector, by reason.
+    pub spans_dropped: LabeledCounter<SpanDrop>,
     /// Event streams the proxy ended, by reason.
     pub streams_ended: LabeledCounter<StreamEnd>,
     /// Cache entries removed by `POST /cache/purge`.
@@ -315,6 +334,8 @@ impl Metrics {
             exchange_refreshes: LabeledCounter::default(),
             stale_served: AtomicU64::new(0),
             tls_reloads: LabeledCounter::default(),
+            spans_exported: AtomicU64::new(0),
+            spans_dropped: LabeledCounter::default(),
             streams_ended: LabeledCounter::default(),
             cache_purged: AtomicU64::new(0),
             exchange_requests: ProfileCounter::new(names),
@@ -431,6 +452,11 @@ impl Metrics {
             "txp_tls_reloads_total",
             "Loads of a changed tls.cert_file/tls.key_file pair, by result (failure: the previous pair is still served).",
         );
+        self.spans_dropped.render(
+            &mut out,
+            "txp_trace_spans_dropped_total",
+            "Finished spans that never reached the OTLP collector, by reason.",
+        );
         for (name, help, v) in [
             (
                 "txp_exchange_cache_hits_total",
@@ -456,6 +482,11 @@ impl Metrics {
                 "txp_exchange_stale_served_total",
                 "Requests served a cached token past its serving window while the IdP was unavailable.",
                 &self.stale_served,
+            ),
+            (
+                "txp_trace_spans_exported_total",
+                "Finished spans the OTLP collector accepted.",
+                &self.spans_exported,
             ),
         ] {
             let _ = writeln!(

@@ -79,6 +79,10 @@ impl Running {
         if let Some(t) = &self.tls_task {
             t.abort();
         }
+        // The spans of the last requests (README "Traces").
+        if let Some(telemetry) = &self.protection.telemetry {
+            telemetry.flush(crate::telemetry::FLUSH_TIMEOUT).await;
+        }
     }
 }
 

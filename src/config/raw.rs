@@ -16,6 +16,7 @@ pub struct RawConfig {
     pub mode: Option<String>,
     pub public_url: Option<String>,
     pub tls: Option<RawTls>,
+    pub telemetry: Option<RawTelemetry>,
     pub trusted_proxies: Option<Vec<String>>,
     pub cors: Option<RawCors>,
     #[serde(default)]
@@ -56,6 +57,15 @@ pub struct RawCors {
 pub struct RawTls {
     pub cert_file: Option<String>,
     pub key_file: Option<String>,
+}
+
+/// `telemetry`: traces exported over OTLP/HTTP (README "Traces").
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

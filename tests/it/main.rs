@@ -11,5 +11,6 @@ mod lifetime;
 mod online;
 mod rmcp_example;
 mod shutdown;
+mod telemetry;
 mod tls;
 mod upstream_pool;

@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod issuer;
 pub mod keepalive;
+pub mod otlp;
 pub mod token_endpoint;
 
 use std::collections::HashMap;

@@ -136,6 +136,8 @@ impl Answer {
 pub struct Seen {
     pub form: Vec<(String, String)>,
     pub authorization: Option<String>,
+    /// The W3C `traceparent` the request carried.
+    pub traceparent: Option<String>,
     /// The access token issued in answer, if any.
     pub issued: Option<String>,
     /// Whether the client authenticated successfully.
@@ -301,6 +303,11 @@ impl TokenEndpoint {
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let traceparent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let content_type_ok = req
             .headers()
             .get(http::header::CONTENT_TYPE)
@@ -315,6 +322,7 @@ impl TokenEndpoint {
         let mut seen = Seen {
             form,
             authorization,
+            traceparent,
             issued: None,
             client_ok: false,
         };
