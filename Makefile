@@ -40,6 +40,7 @@ demo: build
 
 bench:
 	bash benches/run.sh
+	bash benches/telemetry.sh
 
 clean-peers:
 	rm -rf .peers .tools e2e/ts-client/node_modules

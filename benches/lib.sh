@@ -144,7 +144,7 @@ start_cast() {
 # mint FILE N TAG: N new ES256 client tokens.
 mint() { curl -sf --max-time 120 "$ISSUER/mint?n=$2&tag=$3" -o "$1" || die "minting tokens failed"; }
 
-# proxy_config FILE MODE PORT ADMIN_PORT [LOG_LEVEL]: the proxy's YAML (defaults everywhere
+# proxy_config FILE MODE PORT ADMIN_PORT [LOG_LEVEL] [EXTRA_YAML]: the proxy's YAML (defaults everywhere
 # else, so the JSON access log is on).
 proxy_config() {
   cat >"$1" <<EOF
@@ -170,6 +170,9 @@ EOF
   if [ -n "${5:-}" ]; then
     printf 'log:\n  level: %s\n' "$5" >>"$1"
   fi
+  if [ -n "${6:-}" ]; then
+    printf '%s\n' "$6" >>"$1"
+  fi
 }
 
 # two_profiles_config FILE PORT ADMIN_PORT: the exchange-mode config of proxy_config as two
@@ -194,13 +197,13 @@ two_profiles_config() {
   } >"$1"
 }
 
-# start_proxy NAME MODE [LOG_LEVEL]: starts the proxy on the proxy core; sets URL, ADMIN,
-# SUT_PID.
+# start_proxy NAME MODE [LOG_LEVEL] [EXTRA_YAML]: starts the proxy ($PROXY) on the proxy
+# core; sets URL, ADMIN, SUT_PID.
 start_proxy() {
   local port admin
   port="$(free_port)"
   admin="$(free_port)"
-  proxy_config "$work/$1.yaml" "$2" "$port" "$admin" "${3:-}"
+  proxy_config "$work/$1.yaml" "$2" "$port" "$admin" "${3:-}" "${4:-}"
   # The proxy logs to stdout (one JSON line per request): to /dev/null, as cheap a sink as
   # there is, unless BENCH_PROXY_LOG=1 keeps it (a file costs far more per line than the
   # proxy's own logging does).

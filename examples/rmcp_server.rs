@@ -163,6 +163,7 @@ pub fn start(config: &Config, listener: TcpListener) -> Result<Server, SetupErro
     let task = tokio::spawn(server::serve(
         listener,
         move |_| app.clone(),
+        None,
         protection.readiness.clone(),
         drain.clone(),
         config.shutdown.clone(),

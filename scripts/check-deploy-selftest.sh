@@ -127,6 +127,15 @@ expect_failure "client secret mounted writable" policy "must be readOnly" \
   k8s/overlays/secret/deployment-patch.yaml 1 "readOnly: true" "readOnly: false"
 expect_failure "day-long projected token" policy "at most 3600s" \
   k8s/overlays/workload-identity/deployment-patch.yaml 1 "expirationSeconds: 3600" "expirationSeconds: 86400"
+expect_failure "TLS Secret mounted with subPath" policy "mounted with subPath" \
+  k8s/overlays/tls/deployment-patch.yaml 1 "              mountPath: /var/run/tls" "              mountPath: /var/run/tls/tls.crt
+              subPath: tls.crt"
+expect_failure "certificate kept in another Secret" policy "is not the Secret the proxy mounts" \
+  k8s/overlays/tls/certificate.yaml 1 "secretName: token-exchange-proxy-tls" "secretName: other-tls"
+expect_failure "certificate renewed with the same key" policy "rotationPolicy must be Always" \
+  k8s/overlays/tls/certificate.yaml 1 "rotationPolicy: Always" "rotationPolicy: Never"
+expect_failure "TLS key file outside the mount" policy "tls.key_file /var/run/tls-old/tls.key is not mounted" \
+  k8s/overlays/tls/config.yaml 1 "key_file: /var/run/tls/tls.key" "key_file: /var/run/tls-old/tls.key"
 expect_failure "patch that no longer matches" render "FAIL  render overlays/secret" \
   k8s/overlays/secret/deployment-patch.yaml 1 "name: nextcloud-mcp" "name: nextcloud-mcp-old"
 expect_failure "builder image on :latest" hadolint "DL3007" \

@@ -156,10 +156,21 @@ render() {
 }
 
 # kubernetes-validate only warns (exit 0) when it has no schema for a kind or apiVersion, so a
-# misspelt apiVersion would pass: treat any WARN as a failure.
+# misspelt apiVersion would pass: treat any WARN as a failure. It ships no schema for custom
+# resources: the cert-manager Certificate of the `tls` overlay is left out here and checked field
+# by field by the policy group instead (check_certificate).
 validate() {
-  local file=$1 version=$2 out rc=0
-  out=$(kubernetes-validate --strict --quiet -k "$version" "$file" 2>&1) || rc=$?
+  local file=$1 version=$2 out rc=0 core="$WORK/core.$(basename "$1")"
+  "$VENV/bin/python" - "$file" "$core" <<'PY'
+import sys
+import yaml
+with open(sys.argv[1]) as f:
+    docs = [d for d in yaml.safe_load_all(f) if d]
+core = [d for d in docs if not str(d.get("apiVersion", "")).startswith("cert-manager.io/")]
+with open(sys.argv[2], "w") as f:
+    yaml.safe_dump_all(core, f)
+PY
+  out=$(kubernetes-validate --strict --quiet -k "$version" "$core" 2>&1) || rc=$?
   [[ -z $out ]] || printf '%s\n' "$out"
   [[ $rc -eq 0 ]] && ! grep -q '^WARN' <<<"$out"
 }
@@ -218,9 +229,37 @@ def seconds(value):
     return int(m.group(1)) * UNITS[m.group(2)] if m else None
 
 
+def with_test_tls_pair(path, tmp):
+    """`path`, or for a config with `tls` (whose files exist only where it is deployed) a copy in
+    `tmp` naming a throwaway pair made by openssl, so that check-config reads and matches a
+    pair as it would in the pod."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return path  # reported by check-config
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("tls"), dict):
+        return path
+    cert, key = os.path.join(tmp, "tls.crt"), os.path.join(tmp, "tls.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=check-deploy", "-keyout", key, "-out", cert],
+                   capture_output=True, check=True, timeout=60)
+    cfg["tls"].update(cert_file=cert, key_file=key)
+    copy = os.path.join(tmp, "config.tls.yaml")
+    with open(copy, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return copy
+
+
 def check_config(path, where):
     """The proxy's own verdict on one config file: `check-config`, with an empty environment so
     that no TXP_* variable of the caller's changes it. Each of its problems is one problem here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        check_config_in(with_test_tls_pair(path, tmp), where)
+
+
+def check_config_in(path, where):
     try:
         run = subprocess.run([TXP_BIN, "check-config", "--config", path], env={},
                              capture_output=True, text=True, timeout=60, check=False)
@@ -420,6 +459,9 @@ def check_workload(obj, docs, target, is_overlay):
             problem(f"{where}: Service {svc['metadata']['name']} must expose only the proxy "
                     f"port (name http, target {listen}), exposes {got}")
 
+    if isinstance(cfg.get("tls"), dict):
+        check_tls(cfg["tls"], proxy, spec, volumes, docs, where)
+
     # Credential files: mounted read-only into the proxy only, from the right kind of volume.
     # The base mounts none by design (an overlay supplies them).
     if not is_overlay or cfg.get("mode", "exchange") != "exchange":
@@ -451,6 +493,63 @@ def check_workload(obj, docs, target, is_overlay):
     if auth.get("method") == "client_assertion_file":
         if any(d["kind"] == "Secret" for d in docs):
             problem(f"{where}: workload identity uses no static secret, but the render has a Secret")
+
+
+def check_tls(tls, proxy, spec, volumes, docs, where):
+    """The `tls` pair: mounted read-only into the proxy only, from a Secret, as a directory (a
+    subPath mount never sees a renewal); a cert-manager Certificate in the render, if any, must
+    write that Secret and renew with a new key."""
+    secrets = set()
+    for field in ("cert_file", "key_file"):
+        path = tls.get(field)
+        m, v = mount_for(proxy, path, volumes) if path else (None, None)
+        if v is None:
+            problem(f"{where}: tls.{field} {path} is not mounted into {PROXY}")
+            continue
+        if not m.get("readOnly"):
+            problem(f"{where}: the mount of {path} must be readOnly")
+        if m.get("subPath") or m.get("subPathExpr"):
+            problem(f"{where}: {path} is mounted with subPath: renewed files would never reach it")
+        if "secret" not in v:
+            problem(f"{where}: {path} must come from a Secret volume")
+            continue
+        secrets.add(v["secret"].get("secretName"))
+        for c in spec.get("containers") or []:
+            if any(vm["name"] == m["name"] for vm in c.get("volumeMounts") or []):
+                problem(f"{where}: TLS volume {m['name']} is also mounted into {c['name']}")
+    certs = [d for d in docs if d.get("kind") == "Certificate"
+             and str(d.get("apiVersion", "")).startswith("cert-manager.io/")]
+    for cert in certs:
+        check_certificate(cert, secrets, where)
+
+
+def check_certificate(cert, secrets, where):
+    """A cert-manager Certificate (cert-manager.io/v1), which kubernetes-validate cannot check."""
+    at = f"{where}: Certificate {dig(cert, 'metadata', 'name')}"
+    spec = cert.get("spec") or {}
+    if cert.get("apiVersion") != "cert-manager.io/v1":
+        problem(f"{at}: apiVersion must be cert-manager.io/v1")
+    if spec.get("secretName") not in secrets:
+        problem(f"{at}: secretName {spec.get('secretName')!r} is not the Secret the proxy mounts "
+                f"for tls ({sorted(s for s in secrets if s)})")
+    if not spec.get("dnsNames") and not spec.get("ipAddresses"):
+        problem(f"{at}: needs dnsNames or ipAddresses")
+    if not dig(spec, "issuerRef", "name"):
+        problem(f"{at}: needs issuerRef.name")
+    if dig(spec, "privateKey", "rotationPolicy") != "Always":
+        problem(f"{at}: privateKey.rotationPolicy must be Always (a new key with every renewal)")
+    if "server auth" not in (spec.get("usages") or ["server auth"]):
+        problem(f"{at}: usages must include server auth")
+    known = {"secretName", "dnsNames", "ipAddresses", "uris", "commonName", "duration",
+             "renewBefore", "renewBeforePercentage", "privateKey", "usages", "issuerRef",
+             "subject", "secretTemplate", "isCA", "emailAddresses", "keystores",
+             "revisionHistoryLimit", "additionalOutputFormats", "encodeUsagesInRequest",
+             "literalSubject", "nameConstraints", "otherNames", "signatureAlgorithm"}
+    for k in set(spec) - known:
+        problem(f"{at}: unknown field spec.{k}")
+    for k in ("duration", "renewBefore"):
+        if k in spec and not re.fullmatch(r"(\d+(\.\d+)?(h|m|s|ms))+", str(spec[k])):
+            problem(f"{at}: spec.{k} {spec[k]!r} is not a Go duration")
 
 
 def main(argv):

@@ -28,7 +28,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load and validate the configuration, print it (secrets are file paths, never values)
-    /// and exit 0 when valid, 64 when not.
+    /// and exit 0 when valid, 64 when not. With `tls`, the certificate and key files are read
+    /// and must match.
     CheckConfig {
         /// Also check what only the IdP can tell: fetch discovery and the JWKS, read every
         /// secret, key and assertion file, and probe the token endpoint with the proxy's

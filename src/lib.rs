@@ -26,6 +26,8 @@ pub mod response;
 pub mod secret;
 pub mod server;
 pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
 
 pub use exchange::TokenExchangeLayer;
 pub use inbound::BearerAuthLayer;

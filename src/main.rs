@@ -1,12 +1,12 @@
 //! `token-exchange-proxy`: parse arguments, load the config (exit 64 when invalid), run until
-//! SIGTERM/SIGINT, drain, exit 0. `check-config` stops after the config (and, with
-//! `--online`, after the checks only the IdP can answer: exit 69 when one fails).
+//! SIGTERM/SIGINT, drain, exit 0. `check-config` stops after the config and the `tls` pair
+//! (and, with `--online`, after the checks only the IdP can answer: exit 69 when one fails).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use token_exchange_proxy::cli::{Cli, Command, Options};
-use token_exchange_proxy::{config, logging, online, server, shutdown};
+use token_exchange_proxy::{config, logging, online, server, shutdown, tls};
 
 /// Exit code for an invalid configuration (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
@@ -53,9 +53,21 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::CheckConfig { online }) = cli.command {
+        // The one pair of files checked offline: a listener without a usable certificate
+        // would serve nothing (README "HTTPS").
+        let tls_note = match config.tls.as_ref().map(tls::check).transpose() {
+            Ok(serial) => serial
+                .map(|s| format!("# tls: the key matches the certificate (serial {s})\n"))
+                .unwrap_or_default(),
+            Err(e) => {
+                let problems = vec![e.problem()];
+                eprintln!("{}", config::ConfigError { problems });
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
         match serde_yaml_ng::to_string(&config) {
             Ok(text) => println!(
-                "# configuration is valid (secrets are file paths; no value is shown)\n{text}"
+                "# configuration is valid (secrets are file paths; no value is shown)\n{tls_note}{text}"
             ),
             Err(e) => {
                 eprintln!("cannot print the configuration: {e}");

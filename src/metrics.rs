@@ -87,6 +87,11 @@ impl<L: Label> LabeledCounter<L> {
         self.values[label.index()].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds `n` for `label`.
+    pub fn add(&self, label: L, n: u64) {
+        self.values[label.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Current value for `label`.
     pub fn get(&self, label: L) -> u64 {
         self.values[label.index()].load(Ordering::Relaxed)
@@ -226,10 +231,22 @@ label_enum!(
 });
 
 label_enum!(
-    /// Outcome of a JWKS fetch (`txp_jwks_refreshes_total{result}`).
+    /// Outcome of a JWKS fetch (`txp_jwks_refreshes_total{result}`), of an exchange ahead of
+    /// time (`txp_exchange_refreshes_total{result}`) and of a TLS pair reload
+    /// (`txp_tls_reloads_total{result}`).
     RefreshResult, "result", {
     Success => "success",
     Failure => "failure",
+});
+
+label_enum!(
+    /// Why finished spans never reached the collector (`txp_trace_spans_dropped_total{reason}`).
+    SpanDrop, "reason", {
+    /// The export queue was full (the collector slow or absent): dropped at once, so that a
+    /// request never waits for telemetry.
+    QueueFull => "queue_full",
+    /// The export failed or timed out (README "Traces").
+    ExportFailed => "export_failed",
 });
 
 label_enum!(
@@ -273,6 +290,12 @@ pub struct Metrics {
     pub exchange_refreshes: LabeledCounter<RefreshResult>,
     /// Requests served a cached token past its serving window while the IdP was unavailable.
     pub stale_served: AtomicU64,
+    /// Loads of a changed `tls.cert_file` / `tls.key_file` pair (README "HTTPS").
+    pub tls_reloads: LabeledCounter<RefreshResult>,
+    /// Finished spans exported to the OTLP collector (README "Traces").
+    pub spans_exported: AtomicU64,
+    /// Finished spans that never reached the collector, by reason.
+    pub spans_dropped: LabeledCounter<SpanDrop>,
     /// Event streams the proxy ended, by reason.
     pub streams_ended: LabeledCounter<StreamEnd>,
     /// Cache entries removed by `POST /cache/purge`.
@@ -310,6 +333,9 @@ impl Metrics {
             jwks_refreshes: LabeledCounter::default(),
             exchange_refreshes: LabeledCounter::default(),
             stale_served: AtomicU64::new(0),
+            tls_reloads: LabeledCounter::default(),
+            spans_exported: AtomicU64::new(0),
+            spans_dropped: LabeledCounter::default(),
             streams_ended: LabeledCounter::default(),
             cache_purged: AtomicU64::new(0),
             exchange_requests: ProfileCounter::new(names),
@@ -421,6 +447,16 @@ impl Metrics {
             "txp_exchange_refreshes_total",
             "Exchanges made ahead of a cached token's end, by result.",
         );
+        self.tls_reloads.render(
+            &mut out,
+            "txp_tls_reloads_total",
+            "Loads of a changed tls.cert_file/tls.key_file pair, by result (failure: the previous pair is still served).",
+        );
+        self.spans_dropped.render(
+            &mut out,
+            "txp_trace_spans_dropped_total",
+            "Finished spans that never reached the OTLP collector, by reason.",
+        );
         for (name, help, v) in [
             (
                 "txp_exchange_cache_hits_total",
@@ -446,6 +482,11 @@ impl Metrics {
                 "txp_exchange_stale_served_total",
                 "Requests served a cached token past its serving window while the IdP was unavailable.",
                 &self.stale_served,
+            ),
+            (
+                "txp_trace_spans_exported_total",
+                "Finished spans the OTLP collector accepted.",
+                &self.spans_exported,
             ),
         ] {
             let _ = writeln!(

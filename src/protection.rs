@@ -16,6 +16,7 @@ use crate::inbound::{self, BearerAuthLayer, Gate, Validator};
 use crate::metadata::Resource;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
+use crate::telemetry::Telemetry;
 
 /// What goes on in place of the client's token.
 #[derive(Debug, Clone)]
@@ -40,6 +41,9 @@ pub enum SetupError {
     /// built by hand.
     #[error("exchange mode needs the exchange settings")]
     ExchangeUnconfigured,
+    /// The OTLP exporter cannot be built (README "Traces").
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
 }
 
 /// One profile, started.
@@ -77,6 +81,8 @@ pub struct Protection {
     pub guards: Arc<[Guard]>,
     /// Named in challenges and served as RFC 9728 metadata.
     pub resource: Arc<Resource>,
+    /// The tracer, when `telemetry.otlp_endpoint` is set (README "Traces").
+    pub telemetry: Option<Arc<Telemetry>>,
     responder: Responder,
     /// Prefixes forwarded without a token: every profile's `inbound.public_paths`.
     public_paths: Vec<String>,
@@ -99,6 +105,7 @@ impl Protection {
             )?);
         }
         let resource = Arc::new(Resource::from_config(config));
+        let telemetry = Telemetry::start(&config.telemetry, &names, metrics.clone())?;
         let mut public_paths: Vec<String> = config
             .profiles
             .iter()
@@ -119,6 +126,7 @@ impl Protection {
             readiness,
             guards: guards.into(),
             resource,
+            telemetry,
         })
     }
 

@@ -1,7 +1,8 @@
 //! Wiring: bind the listeners, build the components, serve, drain.
 //!
-//! [`start`] binds both listeners (after the config was validated), builds the validator
-//! and exchanger ([`Protection`]) and the request path ([`proxy::layers`]), and serves;
+//! [`start`] binds both listeners (after the config was validated), loads the listener's TLS
+//! pair when `tls` is configured ([`Tls`], README "HTTPS"), builds the validator and exchanger
+//! ([`Protection`]) and the request path ([`proxy::layers`]), and serves;
 //! [`Running::shutdown`] runs the drain sequence of README "Shutdown"; [`Running::wait`]
 //! resolves when it is over.
 
@@ -24,9 +25,12 @@ use crate::protection::{Protection, SetupError};
 use crate::proxy::{self, ClientIp, Forward, Upstream};
 use crate::readiness::Readiness;
 use crate::shutdown::Drain;
+use crate::tls::{Tls, TlsError};
 
 /// Slow clients get this long to send request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// A handshake is a few round trips: a client gets as long for it as for its request headers.
+const TLS_HANDSHAKE_TIMEOUT: Duration = HEADER_READ_TIMEOUT;
 
 /// Why the proxy could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve HTTPS: {}", .0.key())]
+    Tls(#[from] TlsError),
     #[error(transparent)]
     Setup(#[from] SetupError),
 }
@@ -55,6 +61,8 @@ pub struct Running {
     drain: Drain,
     task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    /// Re-reads the TLS pair when its files change (`tls` configured).
+    tls_task: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -68,6 +76,13 @@ impl Running {
     pub async fn wait(self) {
         let _ = self.task.await;
         self.admin_task.abort();
+        if let Some(t) = &self.tls_task {
+            t.abort();
+        }
+        // The spans of the last requests (README "Traces").
+        if let Some(telemetry) = &self.protection.telemetry {
+            telemetry.flush(crate::telemetry::FLUSH_TIMEOUT).await;
+        }
     }
 }
 
@@ -88,6 +103,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
 
+    let tls = config.tls.as_ref().map(Tls::load).transpose()?;
     let protection = Protection::start(&config)?;
     let metrics = protection.metrics.clone();
     let readiness = protection.readiness.clone();
@@ -131,12 +147,18 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let layers = proxy::layers(&protection, &config, &drain);
     let upstream = Arc::new(Upstream::new(&config, metrics.clone()));
     let trusted: Arc<[ipnet::IpNet]> = config.trusted_proxies.clone().into();
+    let acceptor = tls.as_ref().map(Tls::acceptor);
+    let tls_task = tls.map(|tls| {
+        tracing::info!(serial = %tls.serial(), "serving HTTPS");
+        tokio::spawn(tls.watch(metrics.clone()))
+    });
     let task = tokio::spawn(serve(
         listener,
         move |peer| {
             let peer = ClientIp::new(peer, &trusted);
             layers.service(Forward::new(upstream.clone(), peer))
         },
+        acceptor,
         readiness.clone(),
         drain.clone(),
         config.shutdown.clone(),
@@ -151,6 +173,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         drain,
         task,
         admin_task,
+        tls_task,
     })
 }
 
@@ -161,12 +184,16 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// Serves `make_service(client address)` on every connection accepted from `listener`
-/// (HTTP/1.1 and h2c) until the drain delay after `drain.requested`, then fires
-/// `drain.closing` and waits for in-flight requests up to `shutdown.timeout`. Marks
-/// `readiness` draining when the drain is requested.
+/// (HTTP/1.1 and h2c; with `tls`, HTTP/1.1 and HTTP/2 inside TLS) until the drain delay after
+/// `drain.requested`, then fires `drain.closing` and waits for in-flight requests up to
+/// `shutdown.timeout`. Marks `readiness` draining when the drain is requested.
+///
+/// A TLS handshake runs in the connection's own task, so a slow client never holds up the
+/// accept loop, and gets [`TLS_HANDSHAKE_TIMEOUT`].
 pub async fn serve<M, S, B>(
     listener: TcpListener,
     make_service: M,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     readiness: Arc<Readiness>,
     drain: Drain,
     cfg: crate::config::Shutdown,
@@ -190,6 +217,7 @@ pub async fn serve<M, S, B>(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     // Every connection's task, so that those still open at the shutdown timeout can be ended
     // here, before the process exits: their responses' access lines are written as they go.
@@ -216,13 +244,38 @@ pub async fn serve<M, S, B>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let svc = make_service(remote.ip());
-                let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-                let conn = graceful.watch(conn.into_owned());
+                let svc = TowerToHyperService::new(make_service(remote.ip()));
+                // Taken here, before any shutdown can begin: a connection whose handshake
+                // ends after it is still told to close.
+                let watcher = graceful.watcher();
+                let (builder, tls) = (builder.clone(), tls.clone());
                 // Forget the connections that have ended.
                 while connections.try_join_next().is_some() {}
                 connections.spawn(async move {
-                    if let Err(e) = conn.await {
+                    let ended = match tls {
+                        None => {
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Some(acceptor) => {
+                            let accept = acceptor.accept(stream);
+                            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept);
+                            let stream = match handshake.await {
+                                Ok(Ok(stream)) => stream,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!("TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });

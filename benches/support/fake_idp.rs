@@ -217,6 +217,17 @@ impl FakeIdp {
                 resp
             }
             (&Method::POST, "/token") => self.token(req).await,
+            // An OTLP/HTTP trace sink for the proxy's traces (benches/telemetry.sh): accepts
+            // and discards, as a collector that keeps up would.
+            (&Method::POST, "/v1/traces") => {
+                let _ = req.into_body().collect().await;
+                let mut resp = Response::new(Full::new(Bytes::new()));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/x-protobuf"),
+                );
+                resp
+            }
             (&Method::GET, "/stats") => json(
                 StatusCode::OK,
                 serde_json::json!({

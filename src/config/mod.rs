@@ -58,6 +58,13 @@ pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(30);
 /// Longest duration any key accepts: far beyond any sensible timeout, delay or cache lifetime,
 /// and far below where deadline arithmetic (`Instant` + duration) could overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often `tls.cert_file` and `tls.key_file` are looked at: a renewed certificate is
+/// served within two polls, and reading two small files every few seconds costs nothing.
+pub const DEFAULT_TLS_POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// The `service.name` traces are reported under: the binary's name.
+pub const DEFAULT_SERVICE_NAME: &str = "token-exchange-proxy";
+/// Every request traced: a sidecar's traffic is modest, and a collector can sample further.
+pub const DEFAULT_SAMPLE_RATIO: f64 = 1.0;
 /// Time for the endpoints controller to take the pod out of the Service after SIGTERM.
 pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// Fits in Kubernetes' default 30 s grace period together with the drain delay.
@@ -116,6 +123,9 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub mode: Mode,
     pub public_url: Option<Url>,
+    /// `None`: plain HTTP (HTTP/1.1 and h2c) on `listen`.
+    pub tls: Option<Tls>,
+    pub telemetry: Telemetry,
     /// Peers whose `X-Forwarded-*` and `Forwarded` headers are kept (e.g. the ingress).
     #[serde(serialize_with = "ser_nets")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
@@ -213,6 +223,32 @@ pub struct Cors {
     pub allowed_origins: Vec<String>,
     #[serde(serialize_with = "ser_duration")]
     pub max_age: Duration,
+}
+
+/// `tls.*`: HTTPS on the proxy listener (README "HTTPS"). The files are read when the proxy
+/// starts (and by `check-config`), then re-read when they change.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tls {
+    /// PEM certificate chain, end-entity certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the first certificate.
+    pub key_file: PathBuf,
+    /// How often the files are looked at; not a config key ([`DEFAULT_TLS_POLL_INTERVAL`];
+    /// tests shorten it).
+    #[serde(skip)]
+    pub poll_interval: Duration,
+}
+
+/// `telemetry.*`: traces (README "Traces").
+#[derive(Debug, Clone, Serialize)]
+pub struct Telemetry {
+    /// The OTLP/HTTP collector's base URL; spans go to `<otlp_endpoint>/v1/traces`. `None`:
+    /// no traces, and nothing on the request path looks at them.
+    pub otlp_endpoint: Option<Url>,
+    pub service_name: String,
+    /// Share of traces started here that are recorded (0.0–1.0); a client's `traceparent`
+    /// decision is followed (W3C Trace Context `sampled` flag).
+    pub sample_ratio: f64,
 }
 
 /// `upstream.*`
@@ -604,6 +640,18 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 
     let trusted_proxies = trusted_proxies(&mut c, raw.trusted_proxies.as_deref());
     let cors = raw.cors.as_ref().map(|rc| cors(&mut c, rc));
+    let tls = raw.tls.as_ref().map(|t| Tls {
+        cert_file: PathBuf::from(
+            c.required("tls.cert_file", t.cert_file.as_deref())
+                .unwrap_or_default(),
+        ),
+        key_file: PathBuf::from(
+            c.required("tls.key_file", t.key_file.as_deref())
+                .unwrap_or_default(),
+        ),
+        poll_interval: DEFAULT_TLS_POLL_INTERVAL,
+    });
+    let telemetry = telemetry(&mut c, raw.telemetry.as_ref());
 
     let allow_plain_http = raw.idp_tls.allow_plain_http.unwrap_or(false);
     let idp = Some(allow_plain_http);
@@ -758,6 +806,8 @@ pub fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         admin_listen,
         mode,
         public_url,
+        tls,
+        telemetry,
         trusted_proxies,
         cors,
         upstream: Upstream {
@@ -1133,6 +1183,44 @@ fn trusted_proxies(c: &mut Checker, v: Option<&[String]>) -> Vec<ipnet::IpNet> {
 }
 
 /// `cors`: exact origins (scheme, host and port only) or `["*"]`.
+fn telemetry(c: &mut Checker, raw: Option<&raw::RawTelemetry>) -> Telemetry {
+    let raw = raw.cloned().unwrap_or_default();
+    let otlp_endpoint = c.opt_url(
+        "telemetry.otlp_endpoint",
+        raw.otlp_endpoint.as_deref(),
+        None,
+    );
+    if let Some(u) = &otlp_endpoint
+        && (u.query().is_some() || u.fragment().is_some())
+    {
+        c.problem(
+            "telemetry.otlp_endpoint",
+            "must not have a query or fragment",
+        );
+    }
+    let service_name = match raw.service_name {
+        Some(n) if n.trim().is_empty() => {
+            c.problem("telemetry.service_name", "must not be empty");
+            DEFAULT_SERVICE_NAME.to_owned()
+        }
+        Some(n) => n,
+        None => DEFAULT_SERVICE_NAME.to_owned(),
+    };
+    let sample_ratio = match raw.sample_ratio {
+        Some(r) if !(0.0..=1.0).contains(&r) => {
+            c.problem("telemetry.sample_ratio", "must be between 0.0 and 1.0");
+            DEFAULT_SAMPLE_RATIO
+        }
+        Some(r) => r,
+        None => DEFAULT_SAMPLE_RATIO,
+    };
+    Telemetry {
+        otlp_endpoint,
+        service_name,
+        sample_ratio,
+    }
+}
+
 fn cors(c: &mut Checker, rc: &raw::RawCors) -> Cors {
     let allowed_origins = rc.allowed_origins.clone().unwrap_or_default();
     if allowed_origins.is_empty() {

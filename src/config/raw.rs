@@ -15,6 +15,8 @@ pub struct RawConfig {
     pub admin_listen: Option<String>,
     pub mode: Option<String>,
     pub public_url: Option<String>,
+    pub tls: Option<RawTls>,
+    pub telemetry: Option<RawTelemetry>,
     pub trusted_proxies: Option<Vec<String>>,
     pub cors: Option<RawCors>,
     #[serde(default)]
@@ -47,6 +49,23 @@ pub struct RawProfile {
 pub struct RawCors {
     pub allowed_origins: Option<Vec<String>>,
     pub max_age: Option<String>,
+}
+
+/// `tls`: HTTPS on the proxy listener (README "HTTPS").
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+}
+
+/// `telemetry`: traces exported over OTLP/HTTP (README "Traces").
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub otlp_endpoint: Option<String>,
+    pub service_name: Option<String>,
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, Serialize)]

@@ -431,3 +431,47 @@ fn the_obo_grant_needs_a_scope() {
     let err = load_str(&unknown, &Options::default()).expect_err("invalid");
     assert_eq!(keys(&err), ["exchange.grant"]);
 }
+
+#[test]
+fn traces_are_off_without_an_otlp_endpoint() {
+    let config = load_str(MINIMAL, &Options::default()).expect("valid");
+    assert_eq!(config.telemetry.otlp_endpoint, None);
+    assert_eq!(config.telemetry.service_name, DEFAULT_SERVICE_NAME);
+    assert_eq!(config.telemetry.sample_ratio, DEFAULT_SAMPLE_RATIO);
+    let on = format!(
+        "{MINIMAL}telemetry: {{otlp_endpoint: 'http://127.0.0.1:4318', sample_ratio: 0.01}}\n"
+    );
+    let config = load_str(&on, &Options::default()).expect("valid");
+    assert_eq!(
+        config.telemetry.otlp_endpoint.as_ref().map(Url::as_str),
+        Some("http://127.0.0.1:4318/")
+    );
+    assert_eq!(config.telemetry.sample_ratio, 0.01);
+}
+
+#[test]
+fn telemetry_problems_name_their_keys() {
+    for (telemetry, key) in [
+        ("{sample_ratio: 1.5}", "telemetry.sample_ratio"),
+        ("{sample_ratio: -0.1}", "telemetry.sample_ratio"),
+        ("{sample_ratio: .nan}", "telemetry.sample_ratio"),
+        (
+            "{otlp_endpoint: 'grpc://collector:4317'}",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "{otlp_endpoint: 'http://u:p@collector:4318'}",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "{otlp_endpoint: 'http://collector:4318/?a=b'}",
+            "telemetry.otlp_endpoint",
+        ),
+        ("{service_name: ' '}", "telemetry.service_name"),
+        ("{endpoint: 'http://collector:4318'}", "config"),
+    ] {
+        let yaml = format!("{MINIMAL}telemetry: {telemetry}\n");
+        let e = load_str(&yaml, &Options::default()).expect_err(telemetry);
+        assert_eq!(keys(&e), vec![key], "{telemetry}: {e}");
+    }
+}

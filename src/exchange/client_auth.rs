@@ -32,6 +32,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use http::HeaderValue;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use url::Url;
@@ -374,12 +376,9 @@ impl Thumbprints {
             path: path.to_path_buf(),
             why,
         };
-        let block = ::pem::parse_many(pem)
-            .map_err(|_| err("not PEM"))?
-            .into_iter()
-            .find(|b| b.tag() == "CERTIFICATE")
-            .ok_or_else(|| err("no CERTIFICATE block"))?;
-        let digest = |alg| URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(alg, block.contents()));
+        let der = CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|_| err("no CERTIFICATE block"))?;
+        let digest = |alg| URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(alg, &der));
         Ok(Self {
             sha1: digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY),
             sha256: digest(&aws_lc_rs::digest::SHA256),

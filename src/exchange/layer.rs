@@ -31,6 +31,9 @@ use super::{CacheStatus, Exchanged, Exchanger};
 use crate::error::{Denial, Responder, ResponseBody};
 use crate::inbound::cache::TokenDigest;
 use crate::inbound::{Principal, Recall, Validator, bearer_token};
+use crate::telemetry::{ChildSpan, RequestTrace};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
@@ -132,6 +135,14 @@ where
             .get::<Exchanged>()
             .map(|e| e.authorization.clone())
         {
+            if let Some(trace) = req.extensions().get::<RequestTrace>() {
+                // Traces on: the exchange was a cache hit, found with the validation.
+                let mut span = trace.child("exchange", SpanKind::Internal);
+                if let Some(p) = req.extensions().get::<Principal>() {
+                    span.profile(p.profile);
+                }
+                span.set(KeyValue::new("txp.cache", CacheStatus::Hit.as_str()));
+            }
             swap_in(&mut req, authorization);
             return Either::Left(self.inner.call(req).map_ok(passed));
         }
@@ -143,6 +154,12 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.shared.clone();
+        // Traces on (README "Traces"): the exchange's span, parent of the IdP call.
+        let mut span = req.extensions().get::<RequestTrace>().map(|t| {
+            let mut span = t.child("exchange", SpanKind::Internal);
+            span.profile(principal.profile);
+            span
+        });
         Either::Right(Box::pin(async move {
             let exchanged = match (
                 bearer_token(req.headers(), layer.max_token_bytes),
@@ -150,7 +167,10 @@ where
             ) {
                 (Ok(token), Some((exchanger, validator))) => {
                     let key = exchanger.key(token);
-                    let exchanged = exchanger.exchange_keyed(token, &key, &principal).await;
+                    let propagation = span.as_ref().map(ChildSpan::propagation);
+                    let exchanged = exchanger
+                        .exchange_traced(token, &key, &principal, propagation.as_ref())
+                        .await;
                     if exchanged.is_err() {
                         // Boxed: its future is large, and only a failure pays for it.
                         Box::pin(validator.remember(token, &principal)).await;
@@ -169,6 +189,13 @@ where
                     Err(Denial::Inbound(crate::inbound::InboundError::Unavailable))
                 }
             };
+            if let Some(span) = span.as_mut() {
+                match &exchanged {
+                    Ok(e) => span.set(KeyValue::new("txp.cache", e.cache.as_str())),
+                    Err(denial) => span.deny(denial),
+                }
+            }
+            drop(span);
             match exchanged {
                 Ok(exchanged) => {
                     swap_in(&mut req, exchanged.authorization.clone());

@@ -380,6 +380,7 @@ impl Exchanger {
             &endpoint,
             body,
             credentials.authorization,
+            None,
             self.timeout,
         )
         .await
@@ -502,6 +503,18 @@ impl Exchanger {
         key: &CacheKey,
         principal: &Principal,
     ) -> Result<Exchanged, ExchangeError> {
+        self.exchange_traced(subject, key, principal, None).await
+    }
+
+    /// [`Exchanger::exchange_keyed`], whose call to the IdP (if one is made) carries
+    /// `propagation`: the `traceparent` of the exchange's span (README "Traces").
+    pub async fn exchange_traced(
+        self: &Arc<Self>,
+        subject: &str,
+        key: &CacheKey,
+        principal: &Principal,
+        propagation: Option<&http::HeaderMap>,
+    ) -> Result<Exchanged, ExchangeError> {
         let key = *key;
         let now = Instant::now();
         let current = self.cache.get(&key).await;
@@ -526,7 +539,8 @@ impl Exchanger {
             .cache
             .flight(key, async {
                 called.store(true, Ordering::Relaxed);
-                self.exchange_and_keep(key, subject, principal).await
+                self.exchange_and_keep(key, subject, principal, propagation)
+                    .await
             })
             .await;
         let result = result.map_err(|e| (*e).clone());
@@ -557,8 +571,9 @@ impl Exchanger {
         key: CacheKey,
         subject: &str,
         principal: &Principal,
+        propagation: Option<&http::HeaderMap>,
     ) -> Result<CachedToken, ExchangeError> {
-        let outcome = self.call_idp(subject, principal).await;
+        let outcome = self.call_idp(subject, principal, propagation).await;
         match &outcome {
             Ok(entry) => self.cache.keep(key, entry.clone(), Instant::now()).await,
             Err(
@@ -597,7 +612,7 @@ impl Exchanger {
                 .cache
                 .flight(
                     key,
-                    this.exchange_and_keep(key, subject.expose_secret(), &principal),
+                    this.exchange_and_keep(key, subject.expose_secret(), &principal, None),
                 )
                 .await;
             let outcome = match result {
@@ -635,6 +650,7 @@ impl Exchanger {
         &self,
         subject: &str,
         principal: &Principal,
+        propagation: Option<&http::HeaderMap>,
     ) -> Result<CachedToken, ExchangeError> {
         let Some(endpoint) = self.endpoint.get() else {
             tracing::debug!("token exchange: the token endpoint is not known yet");
@@ -688,6 +704,7 @@ impl Exchanger {
             endpoint,
             body,
             credentials.authorization,
+            propagation,
             self.timeout,
         )
         .await;

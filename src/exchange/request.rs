@@ -101,12 +101,14 @@ pub(crate) struct Answer {
 }
 
 /// POSTs `body` to `endpoint`; the whole exchange (connect, headers, body) within `timeout`.
+/// `propagation`: trace context fields to send along (`traceparent`, README "Traces").
 /// Transport errors and the timeout are `Err`; any HTTP answer is `Ok`.
 pub(crate) async fn post(
     http: &reqwest::Client,
     endpoint: &Url,
     body: String,
     authorization: Option<HeaderValue>,
+    propagation: Option<&http::HeaderMap>,
     timeout: Duration,
 ) -> Result<Answer, IdpError> {
     let call = async {
@@ -118,6 +120,9 @@ pub(crate) async fn post(
             .body(body);
         if let Some(value) = authorization {
             request = request.header(header::AUTHORIZATION, value);
+        }
+        if let Some(fields) = propagation {
+            request = request.headers(fields.clone());
         }
         let response = request.send().await.map_err(|e| {
             if e.is_timeout() {

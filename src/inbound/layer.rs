@@ -36,6 +36,9 @@ use super::claims::reject;
 use super::{Principal, Validator, jwt};
 use crate::error::{Denial, Responder, ResponseBody};
 use crate::metrics::RejectReason;
+use crate::telemetry::RequestTrace;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// Marks a request on a public path: forwarded without a token (a request extension).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,8 +248,34 @@ where
                 Ok(resp.map(ResponseBody::inner))
             });
         }
+        // Traces on (README "Traces"): the validation's span, recall included.
+        let mut span = req
+            .extensions()
+            .get::<RequestTrace>()
+            .map(|t| t.child("validate", SpanKind::Internal));
         Box::pin(async move {
-            let accepted = match accept(&layer, req.headers()).await {
+            let accepted = accept(&layer, req.headers()).await;
+            if let Some(span) = span.as_mut() {
+                match &accepted {
+                    Ok((principal, recalled, _)) => {
+                        span.profile(principal.profile);
+                        let how = if recalled.is_some() {
+                            "cached"
+                        } else {
+                            "validated"
+                        };
+                        span.set(KeyValue::new("txp.validation", how));
+                    }
+                    Err((profile, denial)) => {
+                        if let Some(p) = profile {
+                            span.profile(*p);
+                        }
+                        span.deny(denial);
+                    }
+                }
+            }
+            drop(span);
+            let accepted = match accepted {
                 Ok(accepted) => accepted,
                 Err((profile, denial)) => {
                     let resp = layer

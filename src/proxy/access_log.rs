@@ -6,6 +6,10 @@
 //! inner layers decided reaches it through the response's extensions: the [`Outcome`] (absent:
 //! forwarded, or [`Public`] when the request was on a public path), the [`Principal`] (`sub`)
 //! and the [`Exchanged`] token's [`CacheStatus`](crate::exchange::CacheStatus).
+//!
+//! With traces on (README "Traces") it also starts the request's span ([`RequestTrace`], put
+//! into the request's extensions for the inner layers' children) and ends it with the access
+//! line, with the same status, outcome and cache result.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +26,7 @@ use crate::error::Outcome;
 use crate::exchange::Exchanged;
 use crate::inbound::{Principal, Public};
 use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::telemetry::{RequestTrace, Telemetry};
 
 /// The access log record of one request, written once when dropped.
 #[derive(Debug)]
@@ -41,6 +46,8 @@ pub struct AccessLog {
     pub bytes: u64,
     /// `complete`, `aborted` (client went away), `error`, `idle_timeout`.
     pub body: &'static str,
+    /// The request's span, ended with the line (traces on).
+    pub trace: Option<RequestTrace>,
 }
 
 impl AccessLog {
@@ -61,6 +68,7 @@ impl AccessLog {
             sub: None,
             bytes: 0,
             body: "aborted",
+            trace: None,
         }
     }
 
@@ -82,6 +90,9 @@ impl Drop for AccessLog {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         self.metrics.request(self.status, elapsed);
+        if let Some(trace) = self.trace.take() {
+            trace.finish(self.status, self.outcome, self.cache);
+        }
         if tracing::enabled!(target: "access", tracing::Level::INFO) {
             crate::logging::access(&crate::logging::AccessRecord {
                 method: self.method.as_str(),
@@ -102,12 +113,22 @@ impl Drop for AccessLog {
 #[derive(Debug, Clone)]
 pub struct AccessLogLayer {
     metrics: Arc<Metrics>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl AccessLogLayer {
     /// Logs, and counts into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            telemetry: None,
+        }
+    }
+
+    /// Also traces every request through `telemetry` (`None`: no traces).
+    pub fn traced(mut self, telemetry: Option<Arc<Telemetry>>) -> Self {
+        self.telemetry = telemetry;
+        self
     }
 }
 
@@ -118,6 +139,7 @@ impl<S> Layer<S> for AccessLogLayer {
         AccessLogService {
             inner,
             metrics: self.metrics.clone(),
+            telemetry: self.telemetry.clone(),
         }
     }
 }
@@ -127,6 +149,7 @@ impl<S> Layer<S> for AccessLogLayer {
 pub struct AccessLogService<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for AccessLogService<S>
@@ -142,14 +165,19 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         // The request's own target, shared rather than copied.
         let target = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let log = AccessLog::new(self.metrics.clone(), req.method().clone(), target);
+        let mut log = AccessLog::new(self.metrics.clone(), req.method().clone(), target);
+        if let Some(telemetry) = &self.telemetry {
+            let trace = telemetry.start_request(req.headers(), req.method(), log.target.path());
+            req.extensions_mut().insert(trace.clone());
+            log.trace = Some(trace);
+        }
         LoggedFuture {
             inner: self.inner.call(req),
             log: Some(log),

@@ -28,7 +28,10 @@ use super::headers::{self, ClientIp};
 use super::upstream::{self, UpstreamClient};
 use crate::config::Config;
 use crate::error::{self, Denial, Outcome, Responder, ResponseBody};
-use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::metrics::{Label, Metrics, UpstreamErrorKind};
+use crate::telemetry::{self, RequestTrace};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// What every connection's [`Forward`] shares.
 #[derive(Debug)]
@@ -38,11 +41,14 @@ pub struct Upstream {
     host: HeaderValue,
     /// `scheme://authority` of the backend.
     base: String,
-    /// `X-Forwarded-Proto`: the scheme of `public_url`, else `http`.
+    /// `X-Forwarded-Proto`: `https` with `tls` (README "HTTPS"), else the scheme of
+    /// `public_url`, else `http`.
     forwarded_proto: &'static str,
     preserve_host: bool,
     response_header_timeout: Duration,
     metrics: Arc<Metrics>,
+    /// `server.address` and `server.port` of the upstream span (README "Traces").
+    server: [KeyValue; 2],
 }
 
 impl Upstream {
@@ -57,10 +63,17 @@ impl Upstream {
         let host = HeaderValue::from_str(&authority)
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         let forwarded_proto = match config.public_url.as_ref().map(url::Url::scheme) {
+            _ if config.tls.is_some() => "https",
             Some("https") => "https",
             _ => "http",
         };
+        let port = url.port_or_known_default().unwrap_or(80);
+        let server = [
+            KeyValue::new("server.address", host_name.to_owned()),
+            KeyValue::new("server.port", i64::from(port)),
+        ];
         Self {
+            server,
             client: UpstreamClient::new(&config.upstream),
             host,
             base: format!("{}://{authority}", url.scheme()),
@@ -107,7 +120,8 @@ impl Service<Request<Incoming>> for Forward {
             );
             return Box::pin(std::future::ready(Ok(resp.map(ResponseBody::own))));
         }
-        let Some((upstream_req, extensions)) = upstream_request(&self.upstream, req, &self.peer)
+        let Some((mut upstream_req, extensions)) =
+            upstream_request(&self.upstream, req, &self.peer)
         else {
             let resp = Responder::plain(
                 StatusCode::BAD_REQUEST,
@@ -117,6 +131,20 @@ impl Service<Request<Incoming>> for Forward {
             );
             return Box::pin(std::future::ready(Ok(resp.map(ResponseBody::own))));
         };
+        // Traces on (README "Traces"): the upstream call's span, named by the `traceparent`
+        // the backend gets in place of whatever the client sent.
+        let mut span = extensions.get::<RequestTrace>().map(|t| {
+            let mut span = t.child("upstream", SpanKind::Client);
+            span.set(KeyValue::new(
+                "http.request.method",
+                telemetry::method_name(upstream_req.method()),
+            ));
+            for attribute in &self.upstream.server {
+                span.set(attribute.clone());
+            }
+            span.inject(upstream_req.headers_mut());
+            span
+        });
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let sent = tokio::time::timeout(
@@ -126,6 +154,10 @@ impl Service<Request<Incoming>> for Forward {
             .await;
             let kind = match sent {
                 Ok(Ok(mut resp)) => {
+                    if let Some(span) = span.as_mut() {
+                        let status = i64::from(resp.status().as_u16());
+                        span.set(KeyValue::new("http.response.status_code", status));
+                    }
                     headers::strip_hop_by_hop(resp.headers_mut());
                     *resp.extensions_mut() = extensions;
                     return Ok(resp.map(ResponseBody::inner));
@@ -137,6 +169,9 @@ impl Service<Request<Incoming>> for Forward {
                 }
                 Err(_) => UpstreamErrorKind::Timeout,
             };
+            if let Some(span) = span.as_mut() {
+                span.fail(kind.as_str());
+            }
             upstream.metrics.upstream_errors.inc(kind);
             let mut resp = error::response(&error::reply(&Denial::Upstream(kind), ""));
             let mut all = extensions;

@@ -3,7 +3,7 @@
 //!
 //! | layer | request | response |
 //! |---|---|---|
-//! | [`AccessLogLayer`] | starts the access line | writes it when the body ends |
+//! | [`AccessLogLayer`] | starts the access line (and, with traces on, the request's span) | writes it (ends the span) when the body ends |
 //! | tower-http `SetSensitiveRequestHeaders` | marks `Authorization`, `Proxy-Authorization`, `Cookie` sensitive | |
 //! | [`BrowserCorsLayer`] (with `cors`) | answers CORS preflights | `Access-Control-Allow-Origin` for allowed origins |
 //! | [`ProtectedResourceLayer`] | answers the RFC 9728 metadata document | |
@@ -80,7 +80,7 @@ pub type Layers = ServiceBuilder<
 /// streams when the listener closes.
 pub fn layers(protection: &Protection, config: &Config, drain: &Drain) -> Layers {
     ServiceBuilder::new()
-        .layer(AccessLogLayer::new(protection.metrics.clone()))
+        .layer(AccessLogLayer::new(protection.metrics.clone()).traced(protection.telemetry.clone()))
         .layer(SetSensitiveRequestHeadersLayer::new(SENSITIVE_HEADERS))
         .option_layer(config.cors.as_ref().map(BrowserCorsLayer::new))
         .layer(ProtectedResourceLayer::new(protection.resource.clone()))

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -213,6 +214,52 @@ async fn a_federated_credential_is_the_projected_service_account_token() {
         1,
         "nothing forwarded without an exchange"
     );
+}
+
+#[tokio::test]
+async fn a_certificate_credential_is_named_by_its_thumbprint() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "token-exchange-proxy");
+    let cert = params.self_signed(&key).expect("certificate");
+    let entra = Entra::start(Credential::Certificate {
+        der: cert.der().to_vec(),
+        key: DecodingKey::from_rsa_pem(key.public_key_pem().as_bytes()).expect("public key"),
+        alg: Algorithm::RS256,
+    })
+    .await;
+    let p = obo(
+        entra,
+        "{method: private_key_jwt, private_key_file: '{dir}/tls.key', certificate_file: '{dir}/tls.crt'}",
+        &[("tls.key", &key.serialize_pem()), ("tls.crt", &cert.pem())],
+        "",
+    )
+    .await;
+    let token = p.user_token("00000000-0000-0000-0000-0000000a11ce");
+    assert_eq!(p.get(&token).await.status(), 200);
+    let seen = p.entra.last();
+    assert_eq!(seen.error_code, None);
+    let assertion = seen.param("client_assertion").expect("client assertion");
+    let header = jsonwebtoken::decode_header(assertion).expect("header");
+    assert_eq!(header.alg, Algorithm::RS256);
+    assert!(
+        header.x5t.is_some() && header.x5t_s256.is_some(),
+        "{header:?}"
+    );
+
+    // cert-manager renews the pair: another key and certificate, read on the next exchange.
+    // Until the new certificate is uploaded to the registration, the tenant refuses it: 502.
+    let renewed = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("RSA key");
+    let renewed_cert = params.self_signed(&renewed).expect("certificate");
+    std::fs::write(p.dir.path().join("tls.key"), renewed.serialize_pem()).expect("write");
+    std::fs::write(p.dir.path().join("tls.crt"), renewed_cert.pem()).expect("write");
+    let resp = p
+        .get(&p.user_token("00000000-0000-0000-0000-000000000b0b"))
+        .await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(p.entra.last().error_code, Some(700027));
 }
 
 #[tokio::test]

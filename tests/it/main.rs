@@ -13,4 +13,6 @@ mod online;
 mod profiles;
 mod rmcp_example;
 mod shutdown;
+mod telemetry;
+mod tls;
 mod upstream_pool;

@@ -53,9 +53,14 @@ pub const CA_CLAIMS: &str = r#"{"access_token":{"polids":{"essential":true,"valu
 pub enum Credential {
     /// A client secret, accepted in the form (`client_secret`) or in HTTP Basic.
     Secret(String),
-    /// A certificate: the assertion's header names it by `x5t#S256` (or `x5t`), its
-    /// signature verifies with the certificate's key, `aud` is the token endpoint.
-    Certificate { der: Vec<u8>, key: Key },
+    /// A certificate (its DER): the assertion's header names it by `x5t#S256` (or `x5t`),
+    /// its signature verifies with the certificate's public `key` and `alg`, `aud` is the
+    /// token endpoint.
+    Certificate {
+        der: Vec<u8>,
+        key: DecodingKey,
+        alg: Algorithm,
+    },
     /// A federated identity credential: the assertion is a token of `issuer` (signed with
     /// `key`) for `subject`, with the audience `api://AzureADTokenExchange`.
     Federated {
@@ -421,7 +426,7 @@ impl Entra {
                 };
                 ok.then_some(()).ok_or(7000215)
             }
-            Credential::Certificate { der, key } => {
+            Credential::Certificate { der, key, alg } => {
                 let assertion = self.client_assertion(seen).ok_or(700027u32)?;
                 let header = jsonwebtoken::decode_header(assertion).map_err(|_| 700027u32)?;
                 let s256 = URL_SAFE_NO_PAD
@@ -435,8 +440,8 @@ impl Entra {
                 {
                     return Err(700027);
                 }
-                let claims =
-                    verify(assertion, &key, CLIENT_ID, &self.token_endpoint()).ok_or(700027u32)?;
+                let claims = verify_with(assertion, &key, alg, CLIENT_ID, &self.token_endpoint())
+                    .ok_or(700027u32)?;
                 (claims["sub"] == CLIENT_ID).then_some(()).ok_or(700027)
             }
             Credential::Federated {
@@ -551,12 +556,23 @@ impl Entra {
 fn verify(token: &str, key: &Key, iss: &str, aud: &str) -> Option<Value> {
     let jwk: Jwk = serde_json::from_value(key.jwk()).ok()?;
     let decoding = DecodingKey::from_jwk(&jwk).ok()?;
-    let mut v = Validation::new(key.alg);
+    verify_with(token, &decoding, key.alg, iss, aud)
+}
+
+/// Verifies `token` with `decoding` and `alg`: signature, `iss`, `aud`, unexpired.
+fn verify_with(
+    token: &str,
+    decoding: &DecodingKey,
+    alg: Algorithm,
+    iss: &str,
+    aud: &str,
+) -> Option<Value> {
+    let mut v = Validation::new(alg);
     v.set_issuer(&[iss]);
     v.set_audience(&[aud]);
     v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
     v.leeway = 5;
-    jsonwebtoken::decode::<Value>(token, &decoding, &v)
+    jsonwebtoken::decode::<Value>(token, decoding, &v)
         .ok()
         .map(|d| d.claims)
 }

@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod entra;
 pub mod issuer;
 pub mod keepalive;
+pub mod otlp;
 pub mod token_endpoint;
 
 use std::collections::HashMap;
@@ -424,6 +426,8 @@ async fn answer(req: reqwest::RequestBuilder) -> (StatusCode, HeaderMap, String)
 pub struct FormRequest {
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The W3C `traceparent` header, if any.
+    pub traceparent: Option<String>,
     /// Whether `Content-Type` is `application/x-www-form-urlencoded`.
     pub form_content: bool,
     /// The form's pairs, decoded, in order.
@@ -435,6 +439,11 @@ pub async fn read_form(req: Request<Incoming>) -> FormRequest {
     let authorization = req
         .headers()
         .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let traceparent = req
+        .headers()
+        .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let form_content = req
@@ -450,6 +459,7 @@ pub async fn read_form(req: Request<Incoming>) -> FormRequest {
     let form = url::form_urlencoded::parse(&body).into_owned().collect();
     FormRequest {
         authorization,
+        traceparent,
         form_content,
         form,
     }

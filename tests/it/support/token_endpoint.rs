@@ -136,6 +136,8 @@ impl Answer {
 pub struct Seen {
     pub form: Vec<(String, String)>,
     pub authorization: Option<String>,
+    /// The W3C `traceparent` the request carried.
+    pub traceparent: Option<String>,
     /// The access token issued in answer, if any.
     pub issued: Option<String>,
     /// Whether the client authenticated successfully.
@@ -301,6 +303,7 @@ impl TokenEndpoint {
         let mut seen = Seen {
             form: request.form,
             authorization: request.authorization,
+            traceparent: request.traceparent,
             issued: None,
             client_ok: false,
         };
