@@ -5,6 +5,7 @@ mod support;
 mod cli;
 mod exchange;
 mod forwarding;
+mod fuzz_corpus;
 mod hardening;
 mod inbound;
 mod lifetime;
