@@ -128,7 +128,10 @@ fn sse(query: &str) -> Response<Body> {
         ticks.tick().await;
         EVENTS.fetch_add(1, Ordering::Relaxed);
         let event = Bytes::from(format!("id: {i}\ndata: {i}\n\n"));
-        Some((Ok::<_, Infallible>(Frame::data(event)), (i + 1, ticks, open)))
+        Some((
+            Ok::<_, Infallible>(Frame::data(event)),
+            (i + 1, ticks, open),
+        ))
     });
     let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(events)));
     let headers = resp.headers_mut();

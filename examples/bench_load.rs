@@ -490,6 +490,13 @@ fn main() -> Result<(), String> {
         } => startup(&ready_url, runs.max(1), timeout, &command)?,
         Cmd::Soak(soak_args) => {
             let tokens = read_tokens(&soak_args.tokens)?;
+            // A thousand streams' events and thousands of requests a second are more than
+            // one thread reads in time: the soak gets every core (the other modes measure
+            // the proxy against a load generator of known, fixed cost, and keep one).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
             runtime.block_on(soak::run(soak_args, tokens))
         }
     };

@@ -32,8 +32,11 @@ if ! cargo afl --version 2>/dev/null | grep -q "$CARGO_AFL_VERSION"; then
   log "installing cargo-afl $CARGO_AFL_VERSION into ${TOOLS#"$repo"/}"
   cargo install --locked --root "$TOOLS" "cargo-afl@$CARGO_AFL_VERSION"
 fi
-# AFL++ itself lives in cargo-afl's data directory; build it there if it is missing.
-if ! cargo afl fuzz -h >/dev/null 2>&1; then
+# AFL++ itself lives in cargo-afl's data directory, one build per compiler version; build it
+# there if it is missing (about a minute).
+rustc_id="rustc-$(rustc -V | awk '{print $2}')-$(rustc -vV | awk '/^commit-hash:/ {print substr($2, 1, 7)}')"
+afl_dir="${XDG_DATA_HOME:-$HOME/.local/share}/afl.rs/$rustc_id/afl.rs-$CARGO_AFL_VERSION"
+if [ ! -x "$afl_dir/afl/bin/afl-fuzz" ]; then
   log "building AFL++"
   cargo afl config --build --force
 fi

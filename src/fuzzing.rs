@@ -49,7 +49,9 @@ pub fn bearer_header(data: &[u8]) {
     if let Ok(token) = crate::inbound::bearer_token(&headers, MAX_TOKEN_BYTES) {
         assert!(!token.is_empty() && token.len() <= MAX_TOKEN_BYTES);
         assert!(!token.starts_with(' ') && !token.ends_with(' '));
-        let value = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
         assert!(value.is_some_and(|v| v.windows(token.len()).any(|w| w == token.as_bytes())));
     }
 }
@@ -77,19 +79,23 @@ pub fn jwks(data: &[u8]) {
     }
 }
 
-/// A token-endpoint answer (RFC 8693 §2.2): the first byte picks the HTTP status, the rest
-/// is the body (and, read as a header value, a `Retry-After`). A usable token becomes a
-/// `Bearer` header value with a lifetime that has not run out; an error code reaches the log
-/// only as `[a-z_]`, at most 40 characters; a `Retry-After` is clamped to 1–300 s.
+/// A token-endpoint answer (RFC 8693 §2.2, or Entra's On-Behalf-Of): the first byte picks the
+/// HTTP status, the rest is the body (and, read as a header value, a `Retry-After`). A usable
+/// token becomes a `Bearer` header value with a lifetime that has not run out; an error code
+/// reaches the log only as `[a-z_]`, at most 40 characters; a claims challenge is a bounded
+/// header-safe value; a `Retry-After` is clamped to 1–300 s.
 pub fn exchange_response(data: &[u8]) {
     let Some((&first, body)) = data.split_first() else {
         return;
     };
     let status = StatusCode::from_u16(200 + u16::from(first) * 2).unwrap_or(StatusCode::OK);
-    if let Ok(issued) = response::parse_success(body, ACCESS_TOKEN_TYPE, now()) {
-        assert!(issued.authorization.as_bytes().starts_with(b"Bearer "));
-        assert!(issued.authorization.as_bytes().len() > b"Bearer ".len());
-        assert!(issued.lifetime.is_none_or(|l| !l.is_zero()));
+    // RFC 8693 asks for `issued_token_type`; an On-Behalf-Of answer has none.
+    for requested in [Some(ACCESS_TOKEN_TYPE), None] {
+        if let Ok(issued) = response::parse_success(body, requested, now()) {
+            assert!(issued.authorization.as_bytes().starts_with(b"Bearer "));
+            assert!(issued.authorization.as_bytes().len() > b"Bearer ".len());
+            assert!(issued.lifetime.is_none_or(|l| !l.is_zero()));
+        }
     }
     let code = response::error_code(body);
     if let Some(code) = &code {
@@ -98,6 +104,12 @@ pub fn exchange_response(data: &[u8]) {
         assert!(logged.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
     }
     let _ = response::classify(status, code.as_deref());
+    // Entra's error answer: a claims challenge goes into `WWW-Authenticate` as base64.
+    let entra = response::error_body(body);
+    if let response::Refusal::Claims(challenge) = response::classify_obo(status, &entra) {
+        assert!(challenge.len() <= response::MAX_CLAIMS_BYTES.div_ceil(3) * 4);
+        assert!(HeaderValue::from_str(&challenge).is_ok());
+    }
     let retry_after = HeaderValue::from_bytes(body).ok();
     if let Some(d) = response::retry_after_sent(retry_after.as_ref(), now()) {
         assert!((response::MIN_RETRY_AFTER..=response::MAX_RETRY_AFTER).contains(&d));

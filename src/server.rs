@@ -185,7 +185,15 @@ pub async fn serve<M, S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    serve_counted(listener, make_service, readiness, drain, cfg, Arc::default()).await;
+    serve_counted(
+        listener,
+        make_service,
+        readiness,
+        drain,
+        cfg,
+        Arc::default(),
+    )
+    .await;
 }
 
 /// [`serve`], keeping `metrics.open_connections` (`txp_open_connections`) at the number of

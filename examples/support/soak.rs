@@ -98,6 +98,8 @@ pub struct SoakArgs {
 struct Report {
     post_statuses: StdMutex<BTreeMap<String, u64>>,
     post_latencies: StdMutex<Vec<u64>>,
+    /// From the first POST due to the last one answered, in milliseconds.
+    posts_ms: AtomicU64,
     /// Transport errors of POSTs sent before the listener closed (or at all, without SIGTERM).
     post_errors_before_close: AtomicU64,
     /// Transport errors of POSTs sent after the listener closed (refused: not failures).
@@ -181,11 +183,29 @@ pub fn series(text: &str, name: &str) -> Option<f64> {
 
 /// Resident memory of `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status`: `VmRSS:`, or its parts `RssAnon:` (heap, stacks) and
+/// `RssFile:` (pages of the binary and libraries, paged in as code paths first run).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// CPU time (user + system) of `pid` so far, in seconds.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which ends with the last ')': state is the first,
+    // utime and stime the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Some(ticks as f64 / 100.0)
 }
 
 /// Open file descriptors of `pid`.
@@ -205,6 +225,9 @@ async fn resources(args: &SoakArgs) -> serde_json::Value {
     };
     serde_json::json!({
         "rss_kib": rss_kib(args.pid),
+        "rss_anon_kib": status_kib(args.pid, "RssAnon:"),
+        "rss_file_kib": status_kib(args.pid, "RssFile:"),
+        "cpu_secs": cpu_secs(args.pid),
         "fds": fds(args.pid),
         "open_connections": series(&metrics, "txp_open_connections"),
         "runtime_tasks": series(&metrics, "txp_runtime_tasks"),
@@ -274,10 +297,17 @@ async fn posts(
                         sender = None;
                         // Sent on a connection the proxy closed as its listener closed, or
                         // refused: not accepted, so not a failure; before that, a failure.
-                        if clock.close_at().is_some_and(|c| due + Duration::from_millis(50) >= c) {
-                            report.post_errors_after_close.fetch_add(1, Ordering::Relaxed);
+                        if clock
+                            .close_at()
+                            .is_some_and(|c| due + Duration::from_millis(50) >= c)
+                        {
+                            report
+                                .post_errors_after_close
+                                .fetch_add(1, Ordering::Relaxed);
                         } else {
-                            report.post_errors_before_close.fetch_add(1, Ordering::Relaxed);
+                            report
+                                .post_errors_before_close
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -300,6 +330,9 @@ async fn posts(
     for w in workers {
         let _ = w.await;
     }
+    report
+        .posts_ms
+        .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
 }
 
 /// One POST of a tool call; the status once the whole body is read.
@@ -332,7 +365,9 @@ async fn stream(args: Arc<SoakArgs>, token: HeaderValue, report: Arc<Report>, cl
     let opened_at = Instant::now();
     let fail = |report: &Report| {
         if clock.closed_before(opened_at) {
-            report.streams_refused_after_close.fetch_add(1, Ordering::Relaxed);
+            report
+                .streams_refused_after_close
+                .fetch_add(1, Ordering::Relaxed);
         } else {
             report.streams_failed.fetch_add(1, Ordering::Relaxed);
         }
@@ -368,7 +403,9 @@ async fn stream(args: Arc<SoakArgs>, token: HeaderValue, report: Arc<Report>, cl
             Ok(None) => break true,
             Ok(Some(Err(_))) | Err(_) => break false,
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         pending.extend_from_slice(&data);
         while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = pending.drain(..end + 2).collect();
@@ -433,7 +470,9 @@ async fn churn_one(i: usize, args: &SoakArgs, token: &HeaderValue, report: &Repo
     let outcome = async {
         match kind {
             "whole_request" => {
-                s.write_all(head("/mcp", "Connection: close\r\n").as_bytes()).await.ok()?;
+                s.write_all(head("/mcp", "Connection: close\r\n").as_bytes())
+                    .await
+                    .ok()?;
                 let mut buf = Vec::new();
                 s.read_to_end(&mut buf).await.ok()?;
                 buf.starts_with(b"HTTP/1.1 200").then_some("ok")
@@ -585,6 +624,7 @@ pub async fn run(args: SoakArgs, tokens: Vec<HeaderValue>) -> serde_json::Value 
                 samples.push(serde_json::json!({
                     "t": start.elapsed().as_secs_f64(),
                     "rss_kib": r["rss_kib"],
+                    "rss_anon_kib": r["rss_anon_kib"],
                     "fds": r["fds"],
                     "open_connections": r["open_connections"],
                 }));
@@ -685,6 +725,7 @@ pub async fn run(args: SoakArgs, tokens: Vec<HeaderValue>) -> serde_json::Value 
             "statuses": statuses,
             "errors_before_close": get(&r.post_errors_before_close),
             "refused_after_close": get(&r.post_errors_after_close),
+            "secs": get(&r.posts_ms) as f64 / 1000.0,
             "p50_us": percentile(&latencies, 0.5),
             "p99_us": percentile(&latencies, 0.99),
             "max_us": latencies.last().copied().unwrap_or(0),

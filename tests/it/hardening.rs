@@ -294,8 +294,14 @@ async fn the_open_connections_gauge_returns_to_zero_however_connections_end() {
     assert!(support::metric(admin, "txp_runtime_tasks").await.is_some());
     // Idle, half a request head, and a whole request kept alive.
     let mut open = Vec::new();
-    for head in ["", "GET /mcp HTTP/1.1\r\nHost: x\r\n", "GET /mcp HTTP/1.1\r\nHost: x\r\n\r\n"] {
-        let mut c = tokio::net::TcpStream::connect(s.proxy.addr).await.expect("connect");
+    for head in [
+        "",
+        "GET /mcp HTTP/1.1\r\nHost: x\r\n",
+        "GET /mcp HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut c = tokio::net::TcpStream::connect(s.proxy.addr)
+            .await
+            .expect("connect");
         c.write_all(head.as_bytes()).await.expect("write");
         open.push(c);
     }
