@@ -31,12 +31,15 @@ cd "$repo"
 PROFILE="${SOAK_PROFILE:-full}"
 case "$PROFILE" in
   full)
-    STREAMS=1000 EVENTS=600 RATE=2000 DURATION=60 CHURN=10000 SLOW_UNTIL_CLOSED=50
+    STREAMS=1000 EVENTS=600 RATE=2000 DURATION=60 CHURN=10000 SLOW_UNTIL_CLOSED=50 RSS_RETURN=check
     DRAIN_STREAMS=200 DRAIN_DURATION=20 DRAIN_SIGTERM=8 DRAIN_DELAY=2 DRAIN_TIMEOUT=10
     : "${BENCH_BUILD:=release}"
     ;;
   short)
-    STREAMS=100 EVENTS=150 RATE=300 DURATION=15 CHURN=1000 SLOW_UNTIL_CLOSED=0
+    # Resident memory does not return to its start after the load (README "Reliability":
+    # the allocator keeps it): reported here, not failed on, so that `make test` guards the
+    # rest; `make soak` fails on it.
+    STREAMS=100 EVENTS=150 RATE=300 DURATION=15 CHURN=1000 SLOW_UNTIL_CLOSED=0 RSS_RETURN=report
     DRAIN_STREAMS=50 DRAIN_DURATION=8 DRAIN_SIGTERM=4 DRAIN_DELAY=1 DRAIN_TIMEOUT=5
     : "${BENCH_BUILD:=debug}"
     ;;
@@ -44,6 +47,8 @@ case "$PROFILE" in
 esac
 export BENCH_BUILD
 TOKENS=200
+# Keep-alive connections for the POSTs (more did not raise the rate here: the cores are the limit).
+CONNECTIONS="${SOAK_CONNECTIONS:-64}"
 GAP_MS=100
 # benches/lib.sh's settings: no pinning (every process may use every core), a 5 ms IdP.
 ALL_CPUS="0-$(($(nproc) - 1))"
@@ -83,7 +88,7 @@ log "soak ($PROFILE): $STREAMS streams, $RATE POSTs/s for ${DURATION}s, $CHURN h
 run_proxy soak 0 2
 "$LOAD" soak --proxy "127.0.0.1:$PORT" --admin "$ADMIN" --backend "$BACKEND" --pid "$SUT_PID" \
   --tokens "$work/hit.txt" --streams "$STREAMS" --events "$EVENTS" --gap-ms "$GAP_MS" \
-  --rate "$RATE" --duration "$DURATION" --churn "$CHURN" \
+  --rate "$RATE" --duration "$DURATION" --churn "$CHURN" --connections "$CONNECTIONS" \
   --slowloris-until-closed "$SLOW_UNTIL_CLOSED" >"$RESULTS_DIR/soak-$PROFILE.json"
 stop_pid "$SUT_PID"
 
@@ -116,4 +121,5 @@ warm_lines="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["s
 python3 "$repo/benches/reliability.py" soak "$RESULTS_DIR/soak-$PROFILE.json" \
   --drain "$RESULTS_DIR/drain-$PROFILE.json" --access-log "$work/drain.out" \
   --warm-lines "$warm_lines" --exit-code "$exit_code" --drain-delay "$DRAIN_DELAY" \
-  --drain-timeout "$DRAIN_TIMEOUT" --drain-sigterm "$DRAIN_SIGTERM" --summary "$RESULTS_DIR/soak-$PROFILE.md"
+  --drain-timeout "$DRAIN_TIMEOUT" --drain-sigterm "$DRAIN_SIGTERM" --rss-return "$RSS_RETURN" \
+  --summary "$RESULTS_DIR/soak-$PROFILE.md"
