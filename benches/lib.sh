@@ -99,24 +99,27 @@ metric() {
 # Binaries.
 
 # prepare_binaries: builds (unless BENCH_SKIP_BUILD=1) and copies the binaries into $work/bin;
-# sets bin, PROXY, LOAD.
+# sets bin, PROXY, LOAD. BENCH_BUILD=debug takes the debug build instead of the release one.
 prepare_binaries() {
+  local profile="${BENCH_BUILD:-release}" flag=--release
+  [ "$profile" = debug ] && flag=
+  local dir="${CARGO_TARGET_DIR:-$repo/target}/$profile"
   if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     # Two steps: the proxy binary with the production feature set (as `cargo build --release`
     # and the Dockerfile build it), then the examples, whose dev-dependencies would otherwise
     # add features (e.g. tokio's test-util) to the proxy binary built in the same invocation.
-    log "building release binaries"
-    cargo build --release --locked --bins
-    cargo build --release --locked --examples
+    log "building $profile binaries"
+    cargo build $flag --locked --bins
+    cargo build $flag --locked --examples
   fi
   # Private copies: target/ is shared, and a rebuild during the run must not swap a binary
   # between two measurements (or under the profiler's feet).
   mkdir -p "$work/bin/examples"
   for b in token-exchange-proxy examples/bench_backend examples/bare_forwarder examples/bench_idp \
-    examples/bench_load; do
-    [ -x "$repo/target/release/$b" ] \
-      || die "missing target/release/$b (build with: cargo build --release --locked --examples --bins)"
-    cp "$repo/target/release/$b" "$work/bin/$b"
+    examples/bench_load examples/bench_chaos; do
+    [ -x "$dir/$b" ] \
+      || die "missing $dir/$b (build with: cargo build $flag --locked --examples --bins)"
+    cp "$dir/$b" "$work/bin/$b"
   done
   bin="$work/bin"
   PROXY="$bin/token-exchange-proxy"

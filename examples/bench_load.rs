@@ -12,6 +12,8 @@
 //!   moment, all with the single token in `--tokens`.
 //! - `startup`: starts the command after `--` `--runs` times and measures the time until
 //!   `--ready-url` answers 200, then kills it.
+//! - `soak`: event streams, POSTs and hostile connections at once, with the proxy's memory,
+//!   file descriptors and connections sampled (`benches/soak.sh`; see `support/soak.rs`).
 //!
 //! ```text
 //! cargo run --release --example bench_load -- rate --url http://127.0.0.1:8080/ \
@@ -34,6 +36,9 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::sync::{Mutex, mpsc};
+
+#[path = "support/soak.rs"]
+mod soak;
 
 /// Load generator for the benchmarks.
 #[derive(Debug, Parser)]
@@ -82,6 +87,8 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         n: usize,
     },
+    /// Streams, POSTs and hostile connections at once; samples the proxy's resources.
+    Soak(soak::SoakArgs),
     /// Time from process start to the ready URL answering 200.
     Startup {
         /// e.g. http://127.0.0.1:9090/readyz
@@ -481,6 +488,17 @@ fn main() -> Result<(), String> {
             timeout,
             command,
         } => startup(&ready_url, runs.max(1), timeout, &command)?,
+        Cmd::Soak(soak_args) => {
+            let tokens = read_tokens(&soak_args.tokens)?;
+            // A thousand streams' events and thousands of requests a second are more than
+            // one thread reads in time: the soak gets every core (the other modes measure
+            // the proxy against a load generator of known, fixed cost, and keep one).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(soak::run(soak_args, tokens))
+        }
     };
     println!("{result}");
     Ok(())

@@ -13,6 +13,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod exchange;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idp;
 pub mod inbound;
 pub mod logging;

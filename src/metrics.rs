@@ -309,6 +309,10 @@ pub struct Metrics {
     pub cache_entries: AtomicU64,
     /// Calls to the token endpoint in flight (`exchange.max_concurrent` bounds it).
     pub exchange_inflight: AtomicU64,
+    /// Connections open on the proxy listener (each served by a task of its own).
+    pub open_connections: AtomicU64,
+    /// Tasks alive in the runtime; filled in at render time.
+    pub runtime_tasks: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -345,6 +349,8 @@ impl Metrics {
             cache_coalesced: AtomicU64::new(0),
             cache_entries: AtomicU64::new(0),
             exchange_inflight: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
+            runtime_tasks: AtomicU64::new(0),
         }
     }
 }
@@ -495,16 +501,34 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP txp_exchange_cache_entries Exchanged tokens held in the cache.\n# TYPE txp_exchange_cache_entries gauge\ntxp_exchange_cache_entries {}",
-            self.cache_entries.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP txp_exchange_inflight Calls to the token endpoint in flight.\n# TYPE txp_exchange_inflight gauge\ntxp_exchange_inflight {}",
-            self.exchange_inflight.load(Ordering::Relaxed)
-        );
+        for (name, help, v) in [
+            (
+                "txp_exchange_cache_entries",
+                "Exchanged tokens held in the cache.",
+                &self.cache_entries,
+            ),
+            (
+                "txp_exchange_inflight",
+                "Calls to the token endpoint in flight.",
+                &self.exchange_inflight,
+            ),
+            (
+                "txp_open_connections",
+                "Connections open on the proxy listener.",
+                &self.open_connections,
+            ),
+            (
+                "txp_runtime_tasks",
+                "Tasks alive in the proxy's runtime (connections, streams, background work).",
+                &self.runtime_tasks,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }

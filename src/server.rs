@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -152,7 +153,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tracing::info!(serial = %tls.serial(), "serving HTTPS");
         tokio::spawn(tls.watch(metrics.clone()))
     });
-    let task = tokio::spawn(serve(
+    let task = tokio::spawn(serve_counted(
         listener,
         move |peer| {
             let peer = ClientIp::new(peer, &trusted);
@@ -162,6 +163,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         readiness.clone(),
         drain.clone(),
         config.shutdown.clone(),
+        metrics.clone(),
     ));
 
     Ok(Running {
@@ -197,6 +199,42 @@ pub async fn serve<M, S, B>(
     readiness: Arc<Readiness>,
     drain: Drain,
     cfg: crate::config::Shutdown,
+) where
+    M: Fn(std::net::IpAddr) -> S,
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_counted(
+        listener,
+        make_service,
+        tls,
+        readiness,
+        drain,
+        cfg,
+        Arc::default(),
+    )
+    .await;
+}
+
+/// [`serve`], keeping `metrics.open_connections` (`txp_open_connections`) at the number of
+/// connections whose task is running: it goes back to where it was once every connection,
+/// however it ended (closed, reset, timed out, cut at shutdown), is gone.
+pub async fn serve_counted<M, S, B>(
+    listener: TcpListener,
+    make_service: M,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    readiness: Arc<Readiness>,
+    drain: Drain,
+    cfg: crate::config::Shutdown,
+    metrics: Arc<Metrics>,
 ) where
     M: Fn(std::net::IpAddr) -> S,
     S: tower::Service<
@@ -251,7 +289,9 @@ pub async fn serve<M, S, B>(
                 let (builder, tls) = (builder.clone(), tls.clone());
                 // Forget the connections that have ended.
                 while connections.try_join_next().is_some() {}
+                let open = OpenConnection::new(metrics.clone());
                 connections.spawn(async move {
+                    let _open = open;
                     let ended = match tls {
                         None => {
                             let conn = builder.serve_connection(TokioIo::new(stream), svc);
@@ -293,4 +333,21 @@ pub async fn serve<M, S, B>(
     // Cut what is left (long SSE streams): each cut response still writes its access line.
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// One open connection in `txp_open_connections`: counted when made, uncounted when dropped,
+/// which happens however its task ends (finished, failed, or aborted at the shutdown timeout).
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.open_connections.fetch_add(1, Ordering::Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -106,6 +106,13 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             if let Some(f) = &state.before_render {
                 f().await;
             }
+            let tasks = tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks();
+            state.metrics.runtime_tasks.store(
+                u64::try_from(tasks).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let mut resp = Response::new(Full::new(Bytes::from(state.metrics.render())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

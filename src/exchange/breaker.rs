@@ -139,6 +139,21 @@ impl Breaker {
 }
 
 impl Permit<'_> {
+    /// Whether the call may still be made at `now`, after a wait: a probe always may; any
+    /// other call not once the circuit has opened meanwhile (then, how long until it may
+    /// close). Calls queued behind a failing IdP thus fail fast too, rather than each spend
+    /// the timeout on an IdP the breaker has already given up on.
+    pub(crate) fn still_allowed(&self, now: Instant) -> Result<(), Duration> {
+        if self.probe {
+            return Ok(());
+        }
+        match *self.breaker.lock() {
+            BreakerState::Closed { .. } => Ok(()),
+            BreakerState::Open { until } => Err(until.saturating_duration_since(now)),
+            BreakerState::HalfOpen { .. } => Err(PROBE_RETRY_AFTER),
+        }
+    }
+
     /// Records what the call told about the IdP.
     pub(crate) fn record(mut self, health: Health, now: Instant) {
         self.recorded = true;
@@ -197,6 +212,28 @@ mod tests {
         b.try_acquire(now)
             .expect("permit")
             .record(Health::Down, now);
+    }
+
+    #[test]
+    fn a_call_that_waited_while_the_circuit_opened_is_not_made() {
+        let b = Breaker::new(SETTINGS);
+        let t0 = Instant::now();
+        let waiting = b.try_acquire(t0).expect("permit while closed");
+        assert_eq!(waiting.still_allowed(t0), Ok(()));
+        for _ in 0..SETTINGS.failure_threshold {
+            fail(&b, t0);
+        }
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(waiting.still_allowed(t1), Err(Duration::from_secs(9)));
+        drop(waiting);
+        assert!(
+            matches!(b.state(), BreakerState::Open { .. }),
+            "dropping it changes nothing"
+        );
+        // After the cool-down the probe goes; a call that waited meanwhile does not.
+        let t2 = t0 + SETTINGS.cool_down;
+        let probe = b.try_acquire(t2).expect("probe");
+        assert_eq!(probe.still_allowed(t2), Ok(()));
     }
 
     #[test]

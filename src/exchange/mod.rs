@@ -661,30 +661,27 @@ impl Exchanger {
                 retry_after: response::DEFAULT_RETRY_AFTER,
             });
         };
+        // One deadline for the wait for a call slot and the call together: a request waits
+        // for the IdP no longer than `exchange.timeout` in all (README "Caches, refreshes and
+        // the IdP circuit").
+        let deadline = Instant::now() + self.timeout;
         let permit = match self.breaker.try_acquire(Instant::now()) {
             Ok(p) => p,
-            Err(wait) => {
-                self.metrics
-                    .exchange_requests
-                    .inc_for(Some(self.profile), ExchangeResult::Unavailable);
-                return Err(ExchangeError::Unavailable {
-                    retry_after: response::whole_seconds(wait),
-                });
-            }
+            Err(wait) => return Err(self.unavailable(wait)),
         };
-        // At most `exchange.max_concurrent` calls at once; the others wait their turn, for no
-        // longer than a call itself may take.
-        let Ok(Ok(_slot)) = tokio::time::timeout(self.timeout, self.calls.acquire()).await else {
+        // At most `exchange.max_concurrent` calls at once; the others wait their turn, within
+        // the deadline.
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.calls.acquire()).await else {
             tracing::warn!(
                 "token exchange: exchange.max_concurrent calls in flight; no slot within exchange.timeout"
             );
-            self.metrics
-                .exchange_requests
-                .inc_for(Some(self.profile), ExchangeResult::Unavailable);
-            return Err(ExchangeError::Unavailable {
-                retry_after: response::DEFAULT_RETRY_AFTER,
-            });
+            return Err(self.unavailable(response::DEFAULT_RETRY_AFTER));
         };
+        // The circuit may have opened while this call waited for its slot (the calls ahead of
+        // it failed): then it is not made either.
+        if let Err(wait) = permit.still_allowed(Instant::now()) {
+            return Err(self.unavailable(wait));
+        }
         let _inflight = Inflight::count(&self.metrics);
         let credentials = match self.auth.credentials(endpoint).await {
             Ok(c) => c,
@@ -705,7 +702,7 @@ impl Exchanger {
             body,
             credentials.authorization,
             propagation,
-            self.timeout,
+            deadline.saturating_duration_since(Instant::now()),
         )
         .await;
         self.metrics.exchange_duration.observe(started.elapsed());
@@ -731,6 +728,17 @@ impl Exchanger {
             },
         );
         outcome
+    }
+
+    /// An exchange not attempted because the IdP is unavailable: counted, and answered 503
+    /// with `Retry-After` = `wait` in whole seconds.
+    fn unavailable(&self, wait: Duration) -> ExchangeError {
+        self.metrics
+            .exchange_requests
+            .inc_for(Some(self.profile), ExchangeResult::Unavailable);
+        ExchangeError::Unavailable {
+            retry_after: response::whole_seconds(wait),
+        }
     }
 
     /// The issued token, verified as `exchange.verify_issued` asks (README "Caches, refreshes

@@ -700,6 +700,40 @@ async fn calls_beyond_max_concurrent_wait_and_the_gauge_counts_them() {
     let _ = hog.await;
 }
 
+#[tokio::test]
+async fn the_wait_for_a_call_slot_counts_against_exchange_timeout() {
+    // One slot, taken by a call the IdP answers after 700 ms; a second caller waits for it
+    // 650 ms, and then has 350 ms of its 1 s left for its own call, which the IdP answers
+    // after 700 ms: it gets 503 at 1 s, not its answer at 1.35 s.
+    let idp = TokenEndpoint::start(public_client()).await;
+    idp.delay(Duration::from_millis(700));
+    let s = setup_with(
+        &basic_exchange(&idp, ", max_concurrent: 1").replace("timeout: 2s", "timeout: 1s"),
+        "{}",
+        no_breaker(),
+    );
+    let hog = {
+        let ex = s.exchanger.clone();
+        tokio::spawn(async move { ex.exchange("hog", None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let err = s
+        .exchanger
+        .exchange("late", None)
+        .await
+        .expect_err("out of time");
+    let waited = started.elapsed();
+    assert!(matches!(err, ExchangeError::Unavailable { .. }), "{err:?}");
+    assert!(
+        waited < Duration::from_millis(1300),
+        "waited {waited:?} for a 1 s exchange.timeout"
+    );
+    hog.await
+        .expect("task")
+        .expect("the first call is answered");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_is_shared_by_the_callers_waiting_for_it_then_retried() {
     let idp = TokenEndpoint::start(public_client()).await;

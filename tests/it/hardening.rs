@@ -282,3 +282,42 @@ async fn an_sse_stream_cut_at_shutdown_still_gets_its_access_line() {
     assert_eq!(line["status"], 200);
     assert_eq!(line["sub"], "alice");
 }
+
+#[tokio::test]
+async fn the_open_connections_gauge_returns_to_zero_however_connections_end() {
+    use tokio::io::AsyncWriteExt;
+    let backend = echo().await;
+    let s = signed(&backend.url(), "", "", "").await;
+    let admin = s.proxy.admin_addr;
+    let gauge = "txp_open_connections";
+    assert_eq!(support::metric(admin, gauge).await, Some(0.0));
+    assert!(support::metric(admin, "txp_runtime_tasks").await.is_some());
+    // Idle, half a request head, and a whole request kept alive.
+    let mut open = Vec::new();
+    for head in [
+        "",
+        "GET /mcp HTTP/1.1\r\nHost: x\r\n",
+        "GET /mcp HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let mut c = tokio::net::TcpStream::connect(s.proxy.addr)
+            .await
+            .expect("connect");
+        c.write_all(head.as_bytes()).await.expect("write");
+        open.push(c);
+    }
+    let three = support::eventually(Duration::from_secs(5), async || {
+        support::metric(admin, gauge).await == Some(3.0)
+    })
+    .await;
+    assert!(three, "{:?}", support::metric(admin, gauge).await);
+    // One reset (SO_LINGER 0), the others closed.
+    let first = open.remove(0);
+    first.set_zero_linger().expect("linger");
+    drop(first);
+    drop(open);
+    let zero = support::eventually(Duration::from_secs(5), async || {
+        support::metric(admin, gauge).await == Some(0.0)
+    })
+    .await;
+    assert!(zero, "{:?}", support::metric(admin, gauge).await);
+}

@@ -6,6 +6,7 @@ mod cli;
 mod entra;
 mod exchange;
 mod forwarding;
+mod fuzz_corpus;
 mod hardening;
 mod inbound;
 mod lifetime;
