@@ -8,7 +8,8 @@
 # .tools/cargo on first use, builds fuzz/ instrumented into $CARGO_TARGET_DIR/afl (or
 # target/afl), then runs afl-fuzz on each target from its corpus in fuzz/corpus/<target>/.
 # Prints executions, paths, crashes and hangs per target; exits 1 if any target crashed (the
-# crashing inputs are copied to fuzz/crashes/<target>/ to be turned into regression tests).
+# crashing inputs are copied to fuzz/crashes/<target>/ to be turned into regression tests;
+# inputs that ran over the time limit go to fuzz/hangs/<target>/).
 # FUZZ_UPDATE_CORPUS=1 (set by `make fuzz`) merges what the run found into the kept corpus,
 # minimised with afl-cmin.
 set -euo pipefail
@@ -73,6 +74,13 @@ for t in "${TARGETS[@]}"; do
     mkdir -p "fuzz/crashes/$t"
     cp "$out"/default/crashes/id:* "fuzz/crashes/$t/" 2>/dev/null || true
     log "$t: $crashes crashes, inputs in fuzz/crashes/$t/"
+  fi
+  if [ "${hangs:-0}" != 0 ]; then
+    # A hang is an input that ran over AFL++'s time limit (1 s); on a busy machine that may be
+    # the machine. Kept for a look (`txp-fuzz <target> < input`), not a failure.
+    mkdir -p "fuzz/hangs/$t"
+    cp "$out"/default/hangs/id:* "fuzz/hangs/$t/" 2>/dev/null || true
+    log "$t: $hangs hangs, inputs in fuzz/hangs/$t/"
   fi
   if [ "${FUZZ_UPDATE_CORPUS:-0}" = 1 ]; then
     mkdir -p "$work/$t-all"
