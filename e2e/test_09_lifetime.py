@@ -19,11 +19,11 @@ import harness
 from checks import accepted, client_ok
 from conftest import exchange_config
 
-# Serving window 12 s - 1 s; the refresh window starts 4 s before its end, at 7 s. The refreshed
-# entry's own refresh window would start 7 s after it, at about 14 s.
-CACHE = {"max_ttl": "12s", "expiry_margin": "1s", "refresh_ahead": "4s"}
-# Keep using the token until this long after the first exchange (past 7 s, well before 14 s).
-IN_USE = 8.5
+# Serving window 16 s - 1 s; the refresh window starts 4 s before its end, at 11 s. The
+# refreshed entry's own refresh window would start 11 s after it, at 22 s or later.
+CACHE = {"max_ttl": "16s", "expiry_margin": "1s", "refresh_ahead": "4s"}
+# Keep using the token until this long after the first exchange (past 11 s, well before 22 s).
+IN_USE = 12.5
 
 
 def test_a_token_in_use_across_the_refresh_window_costs_two_exchanges(make_proxy, idp, mcp_client,
@@ -49,6 +49,15 @@ def test_a_token_in_use_across_the_refresh_window_costs_two_exchanges(make_proxy
             accepted(proxy.mcp_url, token)
             raw += 1
     assert runs >= 2, runs
+    # The refresh runs in the background: once it has landed (bounded wait), one more session
+    # must be served the refreshed token, still well before its own refresh window.
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and harness.metric_value(
+            proxy.metrics_text(), "txp_exchange_refreshes_total", result="success") < 1:
+        time.sleep(0.1)
+    out = client_ok(harness.run_py_client(proxy.mcp_url, token=token, whoami_calls=1))
+    jtis.extend(out["whoami_jtis"])
+    runs += 1
 
     exchanges = idp.exchanges_of(proxy_client, token)
     harness.log(f"refresh ahead: {runs} MCP sessions and {raw} initialize calls over {time.monotonic() - started:.1f} s, "
