@@ -178,22 +178,39 @@ EOF
   fi
 }
 
-# two_profiles_config FILE PORT ADMIN_PORT: the exchange-mode config of proxy_config as two
-# profiles (README "Several issuers"): first one for an issuer no bench token names (keys and
-# IdP shared with the second, which only costs start-up fetches), then the fake IdP's, so that
-# every request is routed past the first.
+# start_two_profiles NAME: the exchange-mode, cache-hit proxy with two profiles
+# (two_profiles_config); sets URL, ADMIN, SUT_PID.
+start_two_profiles() {
+  local port admin
+  port="$(free_port)"
+  admin="$(free_port)"
+  two_profiles_config "$work/$1.yaml" "$port" "$admin"
+  TOKIO_WORKER_THREADS=1 START_OUT=/dev/null start "$1" "$PROXY_CPU" "$PROXY" --config "$work/$1.yaml"
+  SUT_PID=$STARTED_PID
+  URL="http://127.0.0.1:$port/mcp"
+  ADMIN="127.0.0.1:$admin"
+  wait_http "http://$ADMIN/readyz" || die "$1 did not become ready"
+}
+
+# two_profiles_config FILE PORT ADMIN_PORT [PARTNER_ISSUER]: the exchange-mode config of
+# proxy_config as two profiles (README "Several issuers"): first `partner`, then the fake
+# IdP's. Without PARTNER_ISSUER, `partner` names an issuer no bench token carries (keys and
+# IdP shared with the second, which only costs start-up fetches), so that every request is
+# routed past it; with it, `partner` is that fake IdP's (a second bench_idp).
 two_profiles_config() {
   {
     printf 'listen: 127.0.0.1:%s\nadmin_listen: 127.0.0.1:%s\nupstream:\n  url: http://%s\n' \
       "$2" "$3" "$BACKEND"
     printf 'shutdown:\n  drain_delay: 0s\n  timeout: 2s\nprofiles:\n'
-    local name issuer
+    local name issuer idp
     for name in partner corp; do
-      issuer="$ISSUER"
-      [ "$name" = partner ] && issuer="http://127.0.0.1:1/partner"
+      issuer="$ISSUER" idp="$ISSUER"
+      if [ "$name" = partner ]; then
+        issuer="${4:-http://127.0.0.1:1/partner}" idp="${4:-$ISSUER}"
+      fi
       printf '  - name: %s\n' "$name"
-      printf "    inbound: {issuer: '%s', jwks_uri: '%s/jwks', audiences: [bench-api]}\n" "$issuer" "$ISSUER"
-      printf '    exchange:\n      token_endpoint: %s/token\n      client_id: txp-bench\n' "$ISSUER"
+      printf "    inbound: {issuer: '%s', jwks_uri: '%s/jwks', audiences: [bench-api]}\n" "$issuer" "$idp"
+      printf '    exchange:\n      token_endpoint: %s/token\n      client_id: txp-bench\n' "$idp"
       printf '      client_auth: {method: client_secret_post, secret_file: %s/client-secret}\n' "$work"
       printf '      audience: [bench-backend]\n'
     done

@@ -2,7 +2,7 @@
 # Where the proxy's CPU goes on the cache-hit path, measured without noise: user-space
 # instructions per request (valgrind --tool=callgrind), for the bare forwarder, the proxy in
 # passthrough mode, in exchange mode (cache hit), in exchange mode with the access log off and
-# with two profiles (README "Several issuers"),
+# with two profiles (README "Several issuers": the second profile's tokens, and both's alternating),
 # plus the inclusive cost of the proxy's own steps. Instruction counts do not depend on what
 # else runs on the machine, so they compare builds reliably where requests/s cannot.
 #
@@ -52,10 +52,10 @@ profile() {
     esac
     sleep 0.1
   done
-  taskset -c "$LOAD_CPU" "$LOAD" once --url "$url" --tokens "$work/hit.txt" --concurrency 16 >/dev/null
+  taskset -c "$LOAD_CPU" "$LOAD" once --url "$url" --tokens "${HIT_FILE:-$work/hit.txt}" --concurrency 16 >/dev/null
   callgrind_control -i on "$vpid" >/dev/null 2>&1
   local out
-  out="$(taskset -c "$LOAD_CPU" "$LOAD" once --url "$url" --tokens "$work/measured.txt" --concurrency 16)"
+  out="$(taskset -c "$LOAD_CPU" "$LOAD" once --url "$url" --tokens "${MEASURED_FILE:-$work/measured.txt}" --concurrency 16)"
   callgrind_control -i off "$vpid" >/dev/null 2>&1
   callgrind_control -d "$vpid" >/dev/null 2>&1
   stop_pid "$vpid"
@@ -82,7 +82,25 @@ two_profiles_config "$work/exchange_hit_two_profiles.yaml" "$port" "$admin"
 profile exchange_hit_two_profiles "http://127.0.0.1:$admin/readyz" "http://127.0.0.1:$port/mcp" \
   "$PROXY" --config "$work/exchange_hit_two_profiles.yaml"
 
-for name in bare passthrough exchange_hit exchange_hit_nolog exchange_hit_two_profiles; do
+# Both profiles' tokens, alternating: the partner profile's from a second fake IdP.
+start partner_idp "$LOAD_CPU" "$bin/examples/bench_idp" --listen 127.0.0.1:0 --delay-ms "$IDP_DELAY_MS" \
+  --token-bytes "$TOKEN_BYTES"
+partner="$(first_line partner_idp)"
+curl -sf --max-time 120 "$partner/mint?n=$HIT_TOKENS&tag=partner" -o "$work/partner.txt" \
+  || die "minting partner tokens failed"
+paste -d '\n' "$work/partner.txt" "$work/hit.txt" >"$work/mixed.txt"
+# (Whole copies only up to what is needed: `head` closing the pipe early would fail it.)
+for _ in $(seq 1 $(((REQUESTS + 2 * HIT_TOKENS - 1) / (2 * HIT_TOKENS)))); do cat "$work/mixed.txt"; done \
+  | head -n "$REQUESTS" >"$work/measured-mixed.txt"
+port="$(free_port)"
+admin="$(free_port)"
+two_profiles_config "$work/exchange_hit_two_profiles_mixed.yaml" "$port" "$admin" "$partner"
+HIT_FILE="$work/mixed.txt" MEASURED_FILE="$work/measured-mixed.txt" \
+  profile exchange_hit_two_profiles_mixed "http://127.0.0.1:$admin/readyz" "http://127.0.0.1:$port/mcp" \
+  "$PROXY" --config "$work/exchange_hit_two_profiles_mixed.yaml"
+
+for name in bare passthrough exchange_hit exchange_hit_nolog exchange_hit_two_profiles \
+  exchange_hit_two_profiles_mixed; do
   # The dump requested above is NAME.callgrind.1; NAME.callgrind is written at exit.
   f="$work/$name.callgrind"
   for g in "$work/$name.callgrind".*; do
@@ -120,7 +138,8 @@ def find(costs, pattern):
 
 rows = []
 totals = {}
-for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog", "exchange_hit_two_profiles"]:
+for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog", "exchange_hit_two_profiles",
+             "exchange_hit_two_profiles_mixed"]:
     total, costs = load(name)
     totals[name] = (total, costs)
 
@@ -147,13 +166,18 @@ bare_total = totals["bare"][0]
 for name, label in [("bare", "bare forwarder"), ("passthrough", "proxy, passthrough"),
                     ("exchange_hit", "proxy, exchange, cache hit"),
                     ("exchange_hit_nolog", "proxy, exchange, cache hit, access log off"),
-                    ("exchange_hit_two_profiles", "proxy, exchange, cache hit, two profiles (tokens of the second)")]:
+                    ("exchange_hit_two_profiles", "proxy, exchange, cache hit, two profiles (tokens of the second)"),
+                    ("exchange_hit_two_profiles_mixed",
+                     "proxy, exchange, cache hit, two profiles (tokens of both, alternating)")]:
     t = totals[name][0]
     w(f"| {label} | {t / n:,.0f} | {t / bare_total:.2f}× |")
 w("")
-one, two = totals["exchange_hit"][0], totals["exchange_hit_two_profiles"][0]
-w(f"Two profiles cost {(two - one) / n:,.0f} instructions per request more than one "
-  f"({100 * (two - one) / one:+.2f}%): the issuer's routing and one more cache lookup.")
+one = totals["exchange_hit"][0]
+for case, tokens in [("exchange_hit_two_profiles", "the second profile's tokens"),
+                     ("exchange_hit_two_profiles_mixed", "both profiles' tokens, alternating")]:
+    two = totals[case][0]
+    w(f"Two profiles, {tokens}: {(two - one) / n:+,.0f} instructions per request against one "
+      f"profile ({100 * (two - one) / one:+.2f}%).")
 w("")
 w("Inclusive cost of the proxy's steps (exchange, cache hit):")
 w("")

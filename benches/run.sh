@@ -165,20 +165,6 @@ EOF
   fi
 }
 
-# start_two_profiles NAME: the exchange-mode proxy of case 4 with two profiles (lib.sh,
-# two_profiles_config); sets URL, ADMIN, SUT_PID.
-start_two_profiles() {
-  local port admin
-  port="$(free_port)"
-  admin="$(free_port)"
-  two_profiles_config "$work/$1.yaml" "$port" "$admin"
-  TOKIO_WORKER_THREADS=1 START_OUT=/dev/null start "$1" "$PROXY_CPU" "$PROXY" --config "$work/$1.yaml"
-  SUT_PID=$STARTED_PID
-  URL="http://127.0.0.1:$port/mcp"
-  ADMIN="127.0.0.1:$admin"
-  wait_http "http://$ADMIN/readyz" || die "$1 did not become ready"
-}
-
 # ---------------------------------------------------------------------------------------------
 # Measurements. Every result is one JSON line in $RESULTS.
 #

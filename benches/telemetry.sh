@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# What traces cost on the cache-hit path (README "Traces"; run by `make bench` after run.sh).
+# What traces, a second profile or an earlier build cost on the cache-hit path, against the
+# same proxy with none of them (README "Traces", "Performance"; run by `make bench` after
+# run.sh with its default cases).
 #
 # Cases, side by side on the proxy core (one worker thread each), rounds interleaved:
-#   off          exchange, cache hit, no `telemetry` section: traces off
-#   before       the same config with BENCH_BEFORE_BIN, a proxy binary built from a commit
-#                before traces existed (skipped when unset), e.g.
+#   off          exchange, cache hit, one profile, no `telemetry` section: the reference
+#   before       the same config with BENCH_BEFORE_BIN, a proxy binary built from an earlier
+#                commit (skipped when unset; BENCH_BEFORE_LABEL names it in the table), e.g.
 #                  git worktree add /tmp/txp-before <commit> &&
 #                  (cd /tmp/txp-before && cargo build --release --locked --bins)
 #                  BENCH_BEFORE_BIN=/tmp/txp-before/target/release/token-exchange-proxy make bench
 #   on_1.0       traces on, `telemetry.sample_ratio: 1.0`: every request exported (4 spans)
 #   on_0.01      traces on, `sample_ratio: 0.01`
+#   two_profiles two profiles, the tokens' issuer second (README "Several issuers"), traces off
+# BENCH_CASES picks them (default: off before on_1.0 on_0.01); `off` is always measured.
 # With traces on, spans go to the fake IdP's `/v1/traces`, a sink on the load generator's core
 # that accepts every batch (a collector that keeps up).
 #
@@ -19,7 +23,7 @@
 #
 # Knobs: those of run.sh (BENCH_DURATION, BENCH_REPS, BENCH_CONNECTIONS, BENCH_HIT_TOKENS,
 # BENCH_TOKEN_BYTES, BENCH_LOAD_CPU, BENCH_PROXY_CPU, BENCH_SKIP_BUILD, BENCH_KEEP,
-# BENCH_RESULTS_DIR), and BENCH_BEFORE_BIN.
+# BENCH_RESULTS_DIR), BENCH_CASES, BENCH_BEFORE_BIN and BENCH_BEFORE_LABEL.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,23 +49,31 @@ CLK_TCK="$(getconf CLK_TCK)"
 prepare_binaries
 start_cast
 
-cases=(off on_1.0 on_0.01)
+read -r -a wanted <<<"${BENCH_CASES:-off before on_1.0 on_0.01}"
+cases=(off)
 declare -A URLS PIDS_OF ADMINS
 start_proxy off exchange
 URLS[off]="$URL"; PIDS_OF[off]="$SUT_PID"
-for ratio in 1.0 0.01; do
-  start_proxy "on_$ratio" exchange "" \
-    "telemetry: {otlp_endpoint: '$ISSUER', service_name: txp-bench, sample_ratio: $ratio}"
-  URLS[on_$ratio]="$URL"; PIDS_OF[on_$ratio]="$SUT_PID"; ADMINS[on_$ratio]="$ADMIN"
+for c in "${wanted[@]}"; do
+  case "$c" in
+    off) continue ;;
+    on_*)
+      start_proxy "$c" exchange "" \
+        "telemetry: {otlp_endpoint: '$ISSUER', service_name: txp-bench, sample_ratio: ${c#on_}}"
+      ;;
+    two_profiles) start_two_profiles "$c" ;;
+    before)
+      [ -n "${BENCH_BEFORE_BIN:-}" ] || continue
+      [ -x "$BENCH_BEFORE_BIN" ] || die "BENCH_BEFORE_BIN $BENCH_BEFORE_BIN is not an executable"
+      cp "$BENCH_BEFORE_BIN" "$work/bin/before"
+      PROXY="$work/bin/before" start_proxy before exchange
+      PROXY="$bin/token-exchange-proxy"
+      ;;
+    *) die "unknown case in BENCH_CASES: $c" ;;
+  esac
+  URLS[$c]="$URL"; PIDS_OF[$c]="$SUT_PID"; ADMINS[$c]="$ADMIN"
+  cases+=("$c")
 done
-if [ -n "${BENCH_BEFORE_BIN:-}" ]; then
-  [ -x "$BENCH_BEFORE_BIN" ] || die "BENCH_BEFORE_BIN $BENCH_BEFORE_BIN is not an executable"
-  cp "$BENCH_BEFORE_BIN" "$work/bin/before"
-  PROXY="$work/bin/before" start_proxy before exchange
-  PROXY="$bin/token-exchange-proxy"
-  URLS[before]="$URL"; PIDS_OF[before]="$SUT_PID"
-  cases=(off before on_1.0 on_0.01)
-fi
 
 for c in "${cases[@]}"; do
   log "$c: warm-up"
@@ -70,8 +82,11 @@ done
 
 RESULTS="$work/telemetry.jsonl"
 : >"$RESULTS"
+# Each round runs the cases in a new random order: on a shared machine whatever runs first or
+# last in a round would otherwise be measured in its own kind of moment every time.
 for r in $(seq 1 "$REPS"); do
-  for c in "${cases[@]}"; do
+  mapfile -t order < <(printf '%s\n' "${cases[@]}" | shuf)
+  for c in "${order[@]}"; do
     pid="${PIDS_OF[$c]}"
     c0=$(cpu_ticks "$pid")
     out="$(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" --timeout 10s \
@@ -85,23 +100,28 @@ for r in $(seq 1 "$REPS"); do
   done
 done
 # Spans of the ratio-1.0 proxy: all exported, none dropped, or the sink was not keeping up.
-spans="$(metric "${ADMINS[on_1.0]}" txp_trace_spans_exported_total) exported, $(metric "${ADMINS[on_1.0]}" 'txp_trace_spans_dropped_total{reason="queue_full"}') dropped (queue full), $(metric "${ADMINS[on_1.0]}" 'txp_trace_spans_dropped_total{reason="export_failed"}') dropped (export failed)"
+spans="not measured (no on_1.0 case)"
+if [ -n "${ADMINS[on_1.0]:-}" ]; then
+  spans="$(metric "${ADMINS[on_1.0]}" txp_trace_spans_exported_total) exported, $(metric "${ADMINS[on_1.0]}" 'txp_trace_spans_dropped_total{reason="queue_full"}') dropped (queue full), $(metric "${ADMINS[on_1.0]}" 'txp_trace_spans_dropped_total{reason="export_failed"}') dropped (export failed)"
+fi
 
 mkdir -p "$RESULTS_DIR"
-python3 - "$RESULTS" "$RESULTS_DIR" "$SOURCE_VERSION" "duration=${DURATION}s reps=$REPS connections=$CONNS hit_tokens=$HIT_TOKENS" "$spans" <<'PY'
+python3 - "$RESULTS" "$RESULTS_DIR" "$SOURCE_VERSION" "duration=${DURATION}s reps=$REPS connections=$CONNS hit_tokens=$HIT_TOKENS" "$spans" "${BENCH_BEFORE_LABEL:-BENCH_BEFORE_BIN}" <<'PY'
 import json, os, statistics, sys
-results, out_dir, version, settings, spans = sys.argv[1:]
+results, out_dir, version, settings, spans, before = sys.argv[1:]
 runs = [json.loads(l) for l in open(results) if l.strip()]
-cases = [c for c in ("off", "before", "on_1.0", "on_0.01") if any(r["case"] == c for r in runs)]
+cases = [c for c in ("off", "before", "two_profiles", "on_1.0", "on_0.01")
+         if any(r["case"] == c for r in runs)]
 labels = {
-    "off": "traces off (no `telemetry`)",
-    "before": "before traces existed (BENCH_BEFORE_BIN)",
+    "off": "one profile, traces off (no `telemetry`)",
+    "before": f"earlier build: {before}",
+    "two_profiles": "two profiles (tokens of the second), traces off",
     "on_1.0": "traces on, sample_ratio 1.0",
     "on_0.01": "traces on, sample_ratio 0.01",
 }
 by = {c: {r["rep"]: r for r in runs if r["case"] == c} for c in cases}
 summary = {}
-lines = [f"# Cost of traces on the cache-hit path (source `{version}`)", "",
+lines = [f"# Cache-hit CPU per request, side by side (source `{version}`)", "",
          f"Settings: {settings}. CPU of the proxy per request; ratios are per round (each run "
          "against `off`'s run of the same round), median shown with the rounds beside it.", "",
          "| case | CPU µs/req (median) | req/s (median) | CPU vs off (median of rounds) | by round | errors |",

@@ -6,8 +6,9 @@
 //! enters as its own SHA-256 digest: a request's token is hashed once, and that digest serves
 //! the lookups of every profile and the validator's decision cache alike. The parameter part
 //! is hashed once into a [`KeyDeriver`]; a lookup finishes that hash with the subject's
-//! digest (one block). Every field is prefixed with its length and every list with its count,
-//! so no two different inputs encode to the same bytes (`["ab"]` and `["a", "b"]` differ).
+//! digest, one SHA-256 block: the parameter part ends with a padding field of zeros up to a
+//! block boundary. Every field is prefixed with its length and every list with its count, so
+//! no two different inputs encode to the same bytes (`["ab"]` and `["a", "b"]` differ).
 //! Inside the cache the key is hashed by [`KeyHasher`]: it is already a digest, so a seeded
 //! fold of its bytes is enough.
 //!
@@ -35,7 +36,7 @@ use crate::inbound::Principal;
 pub type CacheKey = [u8; 32];
 
 /// Separates this digest from any other SHA-256 use; bump the version if the layout changes.
-const KEY_DOMAIN: &[u8] = b"token-exchange-proxy/exchange-cache/v2";
+const KEY_DOMAIN: &[u8] = b"token-exchange-proxy/exchange-cache/v3";
 
 /// The exchange parameters, hashed once; each lookup finishes the hash with its subject
 /// token's digest.
@@ -120,8 +121,16 @@ fn encode(config: &Exchange, profile: &str) -> Vec<u8> {
         field(&mut out, k.as_bytes());
         field(&mut out, v.as_bytes());
     }
+    // Zeros up to the end of a SHA-256 block (64 bytes), so that the subject's part (40
+    // bytes) and SHA-256's own padding (9) fit one block: each lookup hashes one block, not
+    // two.
+    let fill = (BLOCK - (out.len() + 8) % BLOCK) % BLOCK;
+    field(&mut out, &[0u8; BLOCK][..fill]);
     out
 }
+
+/// SHA-256's block size in bytes.
+const BLOCK: usize = 64;
 
 fn count(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(&(n as u64).to_be_bytes());
@@ -504,7 +513,7 @@ mod tests {
         }
         let c = config();
         let mut expected = Vec::new();
-        f(&mut expected, b"token-exchange-proxy/exchange-cache/v2");
+        f(&mut expected, b"token-exchange-proxy/exchange-cache/v3");
         f(&mut expected, b"corp");
         f(&mut expected, b"token_exchange");
         f(&mut expected, c.issuer.as_bytes());
@@ -518,6 +527,10 @@ mod tests {
         expected.push(1);
         f(&mut expected, b"notes.read");
         expected.extend_from_slice(&0u64.to_be_bytes());
+        // The padding field: the parameter part ends on a 64-byte block boundary.
+        let fill = (64 - (expected.len() + 8) % 64) % 64;
+        f(&mut expected, &vec![0u8; fill]);
+        assert_eq!(expected.len() % 64, 0);
         f(
             &mut expected,
             digest::digest(&digest::SHA256, b"the-subject-token").as_ref(),
@@ -527,6 +540,18 @@ mod tests {
             &KeyDeriver::new(&c, "corp").key(b"the-subject-token")[..],
             want.as_ref()
         );
+    }
+
+    #[test]
+    fn the_parameter_part_ends_on_a_block_boundary_whatever_its_length() {
+        // Every length of one field modulo the block size: the padding field always brings
+        // the parameter part to a whole number of blocks, so a lookup hashes one block.
+        for n in 0..BLOCK * 2 {
+            let mut c = config();
+            c.client_id = "c".repeat(n);
+            let encoded = encode(&c, "corp");
+            assert_eq!(encoded.len() % BLOCK, 0, "client id of {n} bytes");
+        }
     }
 
     #[test]

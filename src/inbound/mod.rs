@@ -450,11 +450,13 @@ impl Validator {
         if !jwt::is_b64token(token) {
             return Err(reject(RejectReason::Malformed, "malformed token"));
         }
+        // Boxed: a full validation's future is large (a key fetch, an introspection call),
+        // and a request answered from the decision cache above, or from an exchange's recall
+        // before this, should not carry (and copy) its room on every call.
         match (jwt::split(token), &self.introspection) {
-            (Some(segments), _) => self.validate_jwt(segments, digest, now, epoch).await,
+            (Some(segments), _) => Box::pin(self.validate_jwt(segments, digest, now, epoch)).await,
             (None, Some(introspector)) => {
-                self.validate_opaque(introspector, token, digest, now, epoch)
-                    .await
+                Box::pin(self.validate_opaque(introspector, token, digest, now, epoch)).await
             }
             (None, None) => Err(reject(RejectReason::Malformed, "token is not a JWT")),
         }

@@ -310,3 +310,74 @@ fn plain_paths_exclude_traversal_tricks() {
         assert!(!is_plain_path(tricky), "{tricky}");
     }
 }
+
+/// Two gates: the first never finds anything, the second finds every token; each counts
+/// the lookups it is asked for.
+fn two_gates(first: &Arc<AtomicUsize>, second: &Arc<AtomicUsize>) -> BearerAuthLayer<Remembers> {
+    let config = inbound(&[]);
+    let gate = |recall| Gate {
+        validator: Arc::new(validator_with(&config, None)),
+        recall,
+    };
+    BearerAuthLayer::with_gates(
+        vec![
+            gate(Remembers(None, first.clone())),
+            gate(Remembers(Some("second"), second.clone())),
+        ],
+        vec![],
+        config.max_token_bytes,
+        responder(Arc::new(Metrics::default())),
+    )
+}
+
+#[tokio::test]
+async fn a_token_found_in_a_later_gate_is_looked_up_there_first_next_time() {
+    let (first, second) = (Arc::default(), Arc::default());
+    let layer = two_gates(&first, &second);
+    let req = || request("/mcp", Some("Bearer seen.before.token"));
+    let (resp, seen) = run(layer.clone(), req()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(*seen.recalled.lock().expect("lock"), Some("second"));
+    assert_eq!(first.load(Ordering::SeqCst), 1);
+    assert_eq!(second.load(Ordering::SeqCst), 1);
+    // Again: straight to the second gate.
+    let (resp, seen) = run(layer, req()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(*seen.recalled.lock().expect("lock"), Some("second"));
+    assert_eq!(
+        first.load(Ordering::SeqCst),
+        1,
+        "the first gate is not asked again"
+    );
+    assert_eq!(second.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_hint_pointing_elsewhere_only_orders_the_lookups() {
+    // A slot shared with a token of the first gate (or any stale note) points at it: the
+    // second gate is still asked, and the token is found there.
+    let (first, second) = (Arc::default(), Arc::default());
+    let layer = two_gates(&first, &second);
+    let token = "seen.before.token";
+    layer.shared.hints.set(&cache::digest(token), 0);
+    let (resp, seen) = run(
+        layer.clone(),
+        request("/mcp", Some(&format!("Bearer {token}"))),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(*seen.recalled.lock().expect("lock"), Some("second"));
+    assert_eq!(first.load(Ordering::SeqCst), 1);
+    assert_eq!(second.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.shared.hints.get(&cache::digest(token)), Some(1));
+}
+
+#[test]
+fn one_gate_keeps_no_table() {
+    assert_eq!(Hints::for_gates(1).0.len(), 0);
+    assert_eq!(Hints::for_gates(2).0.len(), Hints::SLOTS);
+    let one = Hints::for_gates(1);
+    let digest = cache::digest("t");
+    one.set(&digest, 0);
+    assert_eq!(one.get(&digest), None);
+}
