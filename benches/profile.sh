@@ -145,8 +145,8 @@ for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog", "excha
 
 steps = [
     ("access log line (`AccessLog::drop`: format + buffer)", "AccessLog as core::ops::drop::Drop>::drop"),
-    ("`exchange::Exchanger::key` (SHA-256 over parameters and token)", "exchange::cache::KeyDeriver::key"),
-    ("  of which SHA-256 (AVX code under valgrind)", "sha256_block_data_order"),
+    ("`KeyDeriver::key_of` (the exchange key: one SHA-256 block after the token's digest)", "exchange::cache::KeyDeriver::key"),
+    ("SHA-256 in all (the token's digest and the key; AVX code under valgrind)", "sha256_block_data_order"),
     ("`proxy::bearer_token`", "proxy::bearer_token"),
     ("`proxy::headers::prepare_request`", "proxy::headers::prepare_request"),
     ("`proxy::headers::strip_hop_by_hop` (request and response)", "proxy::headers::strip_hop_by_hop"),
