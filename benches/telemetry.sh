@@ -13,6 +13,8 @@
 #   on_1.0       traces on, `telemetry.sample_ratio: 1.0`: every request exported (4 spans)
 #   on_0.01      traces on, `sample_ratio: 0.01`
 #   two_profiles two profiles, the tokens' issuer second (README "Several issuers"), traces off
+#   again        a second proxy exactly like `off`: its ratio to `off` is what the method
+#                itself gives for no difference at all, on this machine at this time
 # BENCH_CASES picks them (default: off before on_1.0 on_0.01); `off` is always measured.
 # With traces on, spans go to the fake IdP's `/v1/traces`, a sink on the load generator's core
 # that accepts every batch (a collector that keeps up).
@@ -62,6 +64,7 @@ for c in "${wanted[@]}"; do
         "telemetry: {otlp_endpoint: '$ISSUER', service_name: txp-bench, sample_ratio: ${c#on_}}"
       ;;
     two_profiles) start_two_profiles "$c" ;;
+    again) start_proxy "$c" exchange ;;
     before)
       [ -n "${BENCH_BEFORE_BIN:-}" ] || continue
       [ -x "$BENCH_BEFORE_BIN" ] || die "BENCH_BEFORE_BIN $BENCH_BEFORE_BIN is not an executable"
@@ -110,12 +113,13 @@ python3 - "$RESULTS" "$RESULTS_DIR" "$SOURCE_VERSION" "duration=${DURATION}s rep
 import json, os, statistics, sys
 results, out_dir, version, settings, spans, before = sys.argv[1:]
 runs = [json.loads(l) for l in open(results) if l.strip()]
-cases = [c for c in ("off", "before", "two_profiles", "on_1.0", "on_0.01")
+cases = [c for c in ("off", "again", "before", "two_profiles", "on_1.0", "on_0.01")
          if any(r["case"] == c for r in runs)]
 labels = {
     "off": "one profile, traces off (no `telemetry`)",
     "before": f"earlier build: {before}",
     "two_profiles": "two profiles (tokens of the second), traces off",
+    "again": "one profile, traces off: a second, identical proxy (no difference)",
     "on_1.0": "traces on, sample_ratio 1.0",
     "on_0.01": "traces on, sample_ratio 0.01",
 }
