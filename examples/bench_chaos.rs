@@ -48,7 +48,6 @@ use clap::Parser;
 use http::{HeaderValue, Request, header};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, mpsc};
@@ -288,18 +287,6 @@ async fn send(
     Some((status, retry_after))
 }
 
-async fn connect(addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
-    let stream = TcpStream::connect(addr).await.ok()?;
-    let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .ok()?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Some(sender)
-}
-
 /// `rate` requests/s for `secs`, alternating cached and new tokens; every outcome.
 async fn load(
     proxy: SocketAddr,
@@ -331,7 +318,7 @@ async fn load(
                     &new[(i / 2) % new.len()]
                 };
                 if sender.is_none() {
-                    sender = connect(proxy).await;
+                    sender = soak::connect(proxy).await;
                 }
                 let answer = match sender.as_mut() {
                     Some(s) => tokio::time::timeout(Duration::from_secs(60), send(s, proxy, token))
@@ -354,19 +341,7 @@ async fn load(
             }
         }));
     }
-    let start = Instant::now();
-    let mut next = 0u64;
-    while next < total {
-        tokio::time::sleep_until((start + period.mul_f64(next as f64)).into()).await;
-        let now = Instant::now();
-        while next < total && start + period.mul_f64(next as f64) <= now {
-            if tx.send((next as usize, now)).is_err() {
-                break;
-            }
-            next += 1;
-        }
-    }
-    drop(tx);
+    soak::pace(total, period, tx).await;
     for w in workers {
         let _ = w.await;
     }
@@ -407,7 +382,7 @@ async fn until_exchanged(proxy: SocketAddr, idp: SocketAddr, limit: Duration) ->
         .await
         .ok()?
         .pop()?;
-        if let Some(mut s) = connect(proxy).await
+        if let Some(mut s) = soak::connect::<Full<Bytes>>(proxy).await
             && let Some((200, _)) = send(&mut s, proxy, &token).await
         {
             return Some(start.elapsed());
@@ -492,7 +467,7 @@ async fn run(args: Args) -> Result<Vec<String>, String> {
 
     let cached = Arc::new(mint(idp_addr, CACHED_TOKENS, "chaoscached").await?);
     for t in cached.iter() {
-        let ok = match connect(proxy).await {
+        let ok = match soak::connect::<Full<Bytes>>(proxy).await {
             Some(mut s) => send(&mut s, proxy, t).await.map(|a| a.0) == Some(200),
             None => false,
         };

@@ -34,7 +34,6 @@ use clap::{Parser, Subcommand};
 use http::{HeaderValue, Request, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::sync::{Mutex, mpsc};
 
 #[path = "support/soak.rs"]
@@ -125,15 +124,7 @@ impl Target {
     }
 
     async fn connect(&self) -> Option<SendRequest<Empty<Bytes>>> {
-        let stream = tokio::net::TcpStream::connect(self.addr).await.ok()?;
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .ok()?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Some(sender)
+        soak::connect(self.addr).await
     }
 
     /// Sends one GET with `authorization`, reads the whole body; the status, or `None` on a

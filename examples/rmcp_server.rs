@@ -167,6 +167,7 @@ pub fn start(config: &Config, listener: TcpListener) -> Result<Server, SetupErro
         protection.readiness.clone(),
         drain.clone(),
         config.shutdown.clone(),
+        protection.metrics.clone(),
     ));
     // When the listener closes, rmcp ends its sessions, so that their open SSE streams do not
     // hold the drain up until `shutdown.timeout`.

@@ -153,7 +153,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         tracing::info!(serial = %tls.serial(), "serving HTTPS");
         tokio::spawn(tls.watch(metrics.clone()))
     });
-    let task = tokio::spawn(serve_counted(
+    let task = tokio::spawn(serve(
         listener,
         move |peer| {
             let peer = ClientIp::new(peer, &trusted);
@@ -192,42 +192,11 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 ///
 /// A TLS handshake runs in the connection's own task, so a slow client never holds up the
 /// accept loop, and gets [`TLS_HANDSHAKE_TIMEOUT`].
+///
+/// Keeps `metrics.open_connections` (`txp_open_connections`) at the number of connections
+/// whose task is running: it goes back to where it was once every connection, however it
+/// ended (closed, reset, timed out, cut at shutdown), is gone.
 pub async fn serve<M, S, B>(
-    listener: TcpListener,
-    make_service: M,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    readiness: Arc<Readiness>,
-    drain: Drain,
-    cfg: crate::config::Shutdown,
-) where
-    M: Fn(std::net::IpAddr) -> S,
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    serve_counted(
-        listener,
-        make_service,
-        tls,
-        readiness,
-        drain,
-        cfg,
-        Arc::default(),
-    )
-    .await;
-}
-
-/// [`serve`], keeping `metrics.open_connections` (`txp_open_connections`) at the number of
-/// connections whose task is running: it goes back to where it was once every connection,
-/// however it ended (closed, reset, timed out, cut at shutdown), is gone.
-pub async fn serve_counted<M, S, B>(
     listener: TcpListener,
     make_service: M,
     tls: Option<tokio_rustls::TlsAcceptor>,

@@ -235,8 +235,14 @@ async fn resources(args: &SoakArgs) -> serde_json::Value {
     })
 }
 
-/// A keep-alive connection for POSTs or a stream.
-async fn connect(addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
+/// A keep-alive HTTP/1.1 connection (no Nagle delay), its driver on its own task; `None` when
+/// the connection or the handshake fails.
+pub async fn connect<B>(addr: SocketAddr) -> Option<SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(addr).await.ok()?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -246,6 +252,29 @@ async fn connect(addr: SocketAddr) -> Option<SendRequest<Full<Bytes>>> {
         let _ = conn.await;
     });
     Some(sender)
+}
+
+/// Open loop: hands request `i` (with the moment it was handed out) to `tx` when it is due, at
+/// start + i × `period`, for `total` requests; requests fallen behind go out at once. Returns
+/// the start; `tx` is dropped at the end, so the workers finish the queue and stop.
+pub async fn pace(
+    total: u64,
+    period: Duration,
+    tx: mpsc::UnboundedSender<(usize, Instant)>,
+) -> Instant {
+    let start = Instant::now();
+    let mut next = 0u64;
+    while next < total {
+        tokio::time::sleep_until((start + period.mul_f64(next as f64)).into()).await;
+        let now = Instant::now();
+        while next < total && start + period.mul_f64(next as f64) <= now {
+            if tx.send((next as usize, now)).is_err() {
+                return start;
+            }
+            next += 1;
+        }
+    }
+    start
 }
 
 /// The open-loop POSTs: request i is due at start + i/rate.
@@ -314,19 +343,7 @@ async fn posts(
             }
         }));
     }
-    let start = Instant::now();
-    let mut next = 0u64;
-    while next < total {
-        tokio::time::sleep_until((start + period.mul_f64(next as f64)).into()).await;
-        let now = Instant::now();
-        while next < total && start + period.mul_f64(next as f64) <= now {
-            if tx.send((next as usize, now)).is_err() {
-                break;
-            }
-            next += 1;
-        }
-    }
-    drop(tx);
+    let start = pace(total, period, tx).await;
     for w in workers {
         let _ = w.await;
     }

@@ -679,8 +679,27 @@ async fn calls_beyond_max_concurrent_wait_and_the_gauge_counts_them() {
     assert_eq!(idp.calls(), 6);
     // A caller that cannot get a slot within exchange.timeout gets 503.
     idp.delay(Duration::from_secs(3));
+    let (late, waited, hog) = late_for_the_only_slot(&idp, "500ms").await;
+    let err = late.expect_err("no slot");
+    assert!(matches!(err, ExchangeError::Unavailable { .. }), "{err:?}");
+    assert!(waited < Duration::from_millis(1500));
+    let _ = hog.await;
+}
+
+/// With one call slot (`max_concurrent: 1`) and `exchange.timeout: {timeout}`: a first
+/// exchange takes the slot, and 50 ms later a second one starts. Returns how the second
+/// ended, how long it took, and the first's task.
+async fn late_for_the_only_slot(
+    idp: &TokenEndpoint,
+    timeout: &str,
+) -> (
+    Result<Exchanged, ExchangeError>,
+    Duration,
+    tokio::task::JoinHandle<Result<Exchanged, ExchangeError>>,
+) {
     let s = setup_with(
-        &basic_exchange(&idp, ", max_concurrent: 1").replace("timeout: 2s", "timeout: 500ms"),
+        &basic_exchange(idp, ", max_concurrent: 1")
+            .replace("timeout: 2s", &format!("timeout: {timeout}")),
         "{}",
         no_breaker(),
     );
@@ -690,14 +709,8 @@ async fn calls_beyond_max_concurrent_wait_and_the_gauge_counts_them() {
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     let started = Instant::now();
-    let err = s
-        .exchanger
-        .exchange("late", None)
-        .await
-        .expect_err("no slot");
-    assert!(matches!(err, ExchangeError::Unavailable { .. }), "{err:?}");
-    assert!(started.elapsed() < Duration::from_millis(1500));
-    let _ = hog.await;
+    let late = s.exchanger.exchange("late", None).await;
+    (late, started.elapsed(), hog)
 }
 
 #[tokio::test]
@@ -707,23 +720,8 @@ async fn the_wait_for_a_call_slot_counts_against_exchange_timeout() {
     // after 700 ms: it gets 503 at 1 s, not its answer at 1.35 s.
     let idp = TokenEndpoint::start(public_client()).await;
     idp.delay(Duration::from_millis(700));
-    let s = setup_with(
-        &basic_exchange(&idp, ", max_concurrent: 1").replace("timeout: 2s", "timeout: 1s"),
-        "{}",
-        no_breaker(),
-    );
-    let hog = {
-        let ex = s.exchanger.clone();
-        tokio::spawn(async move { ex.exchange("hog", None).await })
-    };
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let started = Instant::now();
-    let err = s
-        .exchanger
-        .exchange("late", None)
-        .await
-        .expect_err("out of time");
-    let waited = started.elapsed();
+    let (late, waited, hog) = late_for_the_only_slot(&idp, "1s").await;
+    let err = late.expect_err("out of time");
     assert!(matches!(err, ExchangeError::Unavailable { .. }), "{err:?}");
     assert!(
         waited < Duration::from_millis(1300),
