@@ -256,8 +256,6 @@ pub async fn serve<M, S, B>(
                 // ends after it is still told to close.
                 let watcher = graceful.watcher();
                 let (builder, tls) = (builder.clone(), tls.clone());
-                // Forget the connections that have ended.
-                while connections.try_join_next().is_some() {}
                 let open = OpenConnection::new(metrics.clone());
                 connections.spawn(async move {
                     let _open = open;
@@ -288,6 +286,16 @@ pub async fn serve<M, S, B>(
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
+            }
+            // A connection's task is released as soon as it ends: a finished task keeps its
+            // whole allocation (the connection's future) until it is joined, and after a peak
+            // of connections nothing else may come to join them (README "Reliability").
+            Some(ended) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = ended
+                    && e.is_panic()
+                {
+                    tracing::error!("a connection's task panicked");
+                }
             }
             () = &mut stop_accepting => break,
         }
