@@ -163,8 +163,9 @@ def soak(args):
         "| slowloris held until closed | %d, closed by the proxy after at most %.1f s, %d never |"
         % (s["slowloris_until_closed"]["n"], s["slowloris_until_closed"]["closed_after_ms_max"] / 1e3,
            s["slowloris_until_closed"]["not_closed"]),
-        "| resident memory | start %s, peak %s, end %s (%+.1f %%); last %d s of load %s |"
-        % (mib(mem["start"]), mib(mem["peak"]), mib(mem["end"]), mem["end_growth"] * 100, mem["last"],
+        "| resident memory | start %s, peak %s, end %s (%+.1f %%, %.0f s after the load); last %d s of load %s |"
+        % (mib(mem["start"]), mib(mem["peak"]), mib(mem["end"]), mem["end_growth"] * 100,
+           s.get("settle_secs", 0) + s.get("memory_settle_secs", 0), mem["last"],
            "-" if mem["late_growth"] is None else "%+.1f %%" % (mem["late_growth"] * 100)),
         "| of which anonymous (heap, stacks) | start %s, peak %s, end %s; file-backed (code) %s → %s |"
         % (mib(b.get("rss_anon_kib")), mib(mem["peak_anon"]), mib(a.get("rss_anon_kib")),

@@ -2,10 +2,10 @@
 //! request to the backend through a pooled hyper-util client, and streams the response back.
 //! Nothing else: no authentication, no header rules, no logging, no metrics.
 //!
-//! Same server and client stack and the same runtime settings as token-exchange-proxy
-//! (hyper-util's auto connection builder, the legacy pooled client with TCP_NODELAY, tokio's
-//! multi-thread runtime, which honours `TOKIO_WORKER_THREADS`), so that the difference between
-//! the two is the proxy's own work.
+//! Same server and client stack, the same allocator and the same runtime settings as
+//! token-exchange-proxy (hyper-util's auto connection builder, the legacy pooled client with
+//! TCP_NODELAY, jemalloc, tokio's multi-thread runtime, which honours `TOKIO_WORKER_THREADS`),
+//! so that the difference between the two is the proxy's own work.
 //!
 //! ```text
 //! TOKIO_WORKER_THREADS=1 cargo run --release --example bare_forwarder -- \
@@ -25,6 +25,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+
+/// The proxy binary's allocator.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Slow clients get this long to send request headers (as in the proxy).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,6 +71,10 @@ impl Forwarder {
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
+    // As the proxy does: freed pages go back on the allocator's own thread.
+    #[cfg(feature = "jemalloc")]
+    tikv_jemalloc_ctl::background_thread::write(true)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -8,6 +8,11 @@ use clap::Parser;
 use token_exchange_proxy::cli::{Cli, Command, Options};
 use token_exchange_proxy::{config, logging, online, server, shutdown, tls};
 
+/// The allocator (README "Reliability": memory after a peak).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for an invalid configuration (BSD `EX_USAGE`).
 const EXIT_CONFIG: u8 = 64;
 /// Exit code for a failure to start.
@@ -81,6 +86,13 @@ fn main() -> ExitCode {
         };
     }
     logging::init(&config.log);
+    // jemalloc's background thread purges freed pages on its own clock (its decay, 10 s by
+    // default): without it they go back only while the process keeps allocating, so an idle
+    // proxy would keep the memory of its last peak.
+    #[cfg(feature = "jemalloc")]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        tracing::warn!(error = %e, "cannot start the allocator's background thread: freed memory is given back only under load");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

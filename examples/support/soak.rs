@@ -36,6 +36,11 @@ const TOOL_CALL: &[u8] =
 const STUCK: Duration = Duration::from_secs(30);
 /// Longest wait, after the load, for the proxy's connections and tasks to settle.
 const SETTLE_LIMIT: Duration = Duration::from_secs(45);
+/// Longest wait, after that, for resident memory to stop falling ...
+const MEMORY_SETTLE_LIMIT: Duration = Duration::from_secs(45);
+/// ... which it has when it has not fallen for this long (the proxy's allocator gives freed
+/// pages back over 10 s).
+const MEMORY_QUIET: Duration = Duration::from_secs(10);
 
 /// What `soak` is asked to do.
 #[derive(Debug, Clone, clap::Args)]
@@ -712,6 +717,23 @@ pub async fn run(args: SoakArgs, tokens: Vec<HeaderValue>) -> serde_json::Value 
         after = resources(&args).await;
     }
     let settle_secs = settle_start.elapsed().as_secs_f64();
+    // Then until resident memory stops falling: the allocator gives freed pages back on its
+    // own clock (README "Reliability"), not the moment the connections close.
+    let memory_start = Instant::now();
+    if args.sigterm_after.is_none() {
+        let mut lowest = after["rss_kib"].as_u64();
+        let mut lowest_at = Instant::now();
+        while memory_start.elapsed() < MEMORY_SETTLE_LIMIT && lowest_at.elapsed() < MEMORY_QUIET {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            after = resources(&args).await;
+            if let Some(rss) = after["rss_kib"].as_u64()
+                && lowest.is_none_or(|l| rss < l)
+            {
+                (lowest, lowest_at) = (Some(rss), Instant::now());
+            }
+        }
+    }
+    let memory_settle_secs = memory_start.elapsed().as_secs_f64();
     done.store(true, Ordering::Relaxed);
     let samples = sampler.await.unwrap_or_default();
 
@@ -737,6 +759,7 @@ pub async fn run(args: SoakArgs, tokens: Vec<HeaderValue>) -> serde_json::Value 
         },
         "load_secs": load_secs,
         "settle_secs": settle_secs,
+        "memory_settle_secs": memory_settle_secs,
         "posts": {
             "responses": statuses.values().sum::<u64>(),
             "statuses": statuses,

@@ -351,6 +351,26 @@ async fn without_a_token_nothing_is_forwarded() {
     );
 }
 
+/// The binary's allocator gives freed pages back on a thread of its own, so that an idle
+/// proxy does not keep the memory of its last peak (README "Reliability").
+#[cfg(feature = "jemalloc")]
+#[tokio::test]
+async fn the_binary_runs_the_allocators_background_thread() {
+    let backend = echo().await;
+    let trust = support::Trust::start().await;
+    let proc = support::ProxyProcess::spawn(&trust.passthrough(&backend.url(), "", "", ""));
+    support::wait_ready(proc.admin_addr).await;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", proc.child.id())).expect("tasks");
+    let names: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "jemalloc_bg_thd"),
+        "threads: {names:?}"
+    );
+}
+
 #[tokio::test]
 async fn large_request_body_streams_with_bounded_proxy_memory() {
     const TOTAL: u64 = 256 * 1024 * 1024;
