@@ -74,13 +74,8 @@ def soak_checks(s, args, failures):
                             % (late_growth * 100, last))
     end_growth = (after["rss_kib"] - start_rss) / start_rss
     if end_growth > MAX_END_GROWTH:
-        failure = ("soak: resident memory ended %.1f %% above its start (%s -> %s)"
-                   % (end_growth * 100, mib(start_rss), mib(after["rss_kib"])))
-        if args.rss_return == "check":
-            failures.append(failure)
-        else:
-            # README "Reliability": glibc keeps the memory of the peak; known, not a leak.
-            print("NOT MET (reported, not enforced): " + failure, file=sys.stderr)
+        failures.append("soak: resident memory ended %.1f %% above its start (%s -> %s)"
+                        % (end_growth * 100, mib(start_rss), mib(after["rss_kib"])))
     if after["fds"] > before["fds"] + FD_SLACK:
         failures.append("soak: file descriptors %d before, %d after" % (before["fds"], after["fds"]))
     if after["open_connections"] != before["open_connections"]:
@@ -229,9 +224,6 @@ def main():
     ap.add_argument("--drain-timeout", type=int, default=0)
     ap.add_argument("--drain-sigterm", type=float, default=None)
     ap.add_argument("--summary")
-    # `report`: the return of resident memory to within 10 % of the start is printed, not
-    # failed on (the short run of `make test`; README "Reliability" says why it is not met).
-    ap.add_argument("--rss-return", choices=["check", "report"], default="check")
     args = ap.parse_args()
     out, failures = soak(args) if args.kind == "soak" else chaos(args)
     text = "\n".join(out) + "\n"

@@ -31,12 +31,12 @@ cd "$repo"
 PROFILE="${SOAK_PROFILE:-full}"
 case "$PROFILE" in
   full)
-    STREAMS=1000 EVENTS=600 RATE=2000 DURATION=60 CHURN=10000 SLOW_UNTIL_CLOSED=50 RSS_RETURN=check
+    STREAMS=1000 EVENTS=600 RATE=2000 DURATION=60 CHURN=10000 SLOW_UNTIL_CLOSED=50
     DRAIN_STREAMS=200 DRAIN_DURATION=20 DRAIN_SIGTERM=8 DRAIN_DELAY=2 DRAIN_TIMEOUT=10
     : "${BENCH_BUILD:=release}"
     ;;
   short)
-    STREAMS=100 EVENTS=150 RATE=300 DURATION=15 CHURN=1000 SLOW_UNTIL_CLOSED=0 RSS_RETURN=check
+    STREAMS=100 EVENTS=150 RATE=300 DURATION=15 CHURN=1000 SLOW_UNTIL_CLOSED=0
     DRAIN_STREAMS=50 DRAIN_DURATION=8 DRAIN_SIGTERM=4 DRAIN_DELAY=1 DRAIN_TIMEOUT=5
     : "${BENCH_BUILD:=debug}"
     ;;
@@ -118,5 +118,5 @@ warm_lines="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["s
 python3 "$repo/benches/reliability.py" soak "$RESULTS_DIR/soak-$PROFILE.json" \
   --drain "$RESULTS_DIR/drain-$PROFILE.json" --access-log "$work/drain.out" \
   --warm-lines "$warm_lines" --exit-code "$exit_code" --drain-delay "$DRAIN_DELAY" \
-  --drain-timeout "$DRAIN_TIMEOUT" --drain-sigterm "$DRAIN_SIGTERM" --rss-return "$RSS_RETURN" \
+  --drain-timeout "$DRAIN_TIMEOUT" --drain-sigterm "$DRAIN_SIGTERM" \
   --summary "$RESULTS_DIR/soak-$PROFILE.md"
