@@ -231,7 +231,7 @@ impl RequestTrace {
             .with_kind(kind)
             .start_with_context(tracer, &self.cx);
         ChildSpan {
-            span,
+            span: Box::new(span),
             telemetry: self.telemetry.clone(),
         }
     }
@@ -259,8 +259,12 @@ impl RequestTrace {
 }
 
 /// A child span of a request; ends when dropped.
+///
+/// The span is boxed: the request path's futures hold an `Option<ChildSpan>` across their
+/// awaits, and with traces off (the usual case) that option should cost them two words, not
+/// the 300 bytes of an SDK span that each request's future would copy into place.
 pub struct ChildSpan {
-    span: opentelemetry_sdk::trace::Span,
+    span: Box<opentelemetry_sdk::trace::Span>,
     telemetry: Arc<Telemetry>,
 }
 

@@ -339,9 +339,10 @@ async fn accept<R: Recall>(
     layer.hints.set(&digest, i);
     let gate = &layer.gates[i];
     let profile = Some(gate.validator.profile());
-    let principal = gate
-        .validator
-        .validate_digested(token, digest)
+    // Boxed: a validation's future (a decision-cache lookup, then the verification) is
+    // larger than the recall's, and the request answered by a recall should not carry, and
+    // copy into place, its room.
+    let principal = Box::pin(gate.validator.validate_digested(token, digest))
         .await
         .map_err(|e| (profile, Denial::Inbound(e)))?;
     let canonical = canonical_authorization(headers, token).map_err(|d| (profile, d))?;

@@ -145,11 +145,13 @@ impl Service<Request<Incoming>> for Forward {
             span.inject(upstream_req.headers_mut());
             span
         });
+        // Taken before the future: the request's parts are not carried across its awaits.
+        let attempt = self.upstream.client.attempt(upstream_req);
         let upstream = self.upstream.clone();
         Box::pin(async move {
             let sent = tokio::time::timeout(
                 upstream.response_header_timeout,
-                upstream.client.send(upstream_req),
+                upstream.client.complete(attempt),
             )
             .await;
             let kind = match sent {

@@ -20,8 +20,8 @@ use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::Upstream;
@@ -38,6 +38,14 @@ pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 pub type UpstreamError = hyper_util::client::legacy::Error;
 
 type HttpClient = Client<HttpConnector, UpstreamBody>;
+
+/// A request on its way to the backend: the first try, and for a request without a body the
+/// copy a retry would send.
+#[derive(Debug)]
+pub struct Attempt {
+    first: ResponseFuture,
+    again: Option<Request<UpstreamBody>>,
+}
 
 /// Connections to the backend: a keep-alive pool, and a client that never reuses a connection,
 /// for the retry.
@@ -71,26 +79,42 @@ impl UpstreamClient {
         }
     }
 
-    /// Sends `req` to the backend. A request without a body that meets a connection closed
-    /// before any response byte is sent once more, on a new connection.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    /// The first attempt at `req`, on a pooled connection (nothing is sent before
+    /// [`UpstreamClient::complete`] is awaited). Two steps, so that the caller rearranges the
+    /// request's parts before its own future begins: only the response future and the copy
+    /// for the retry are held across an await.
+    pub fn attempt(&self, req: Request<Incoming>) -> Attempt {
         let (parts, body) = req.into_parts();
         if !body.is_end_stream() {
             let req = Request::from_parts(parts, Either::Left(body));
-            return self.pooled.request(req).await;
+            return Attempt {
+                first: self.pooled.request(req),
+                again: None,
+            };
         }
         let again = Request::builder()
             .method(parts.method.clone())
             .uri(parts.uri.clone())
             .version(parts.version)
             .body(Either::Right(Empty::new()));
-        let mut again = again.ok().map(|mut r| {
+        let again = again.ok().map(|mut r| {
             *r.headers_mut() = parts.headers.clone();
             r
         });
         let first = Request::from_parts(parts, Either::Right(Empty::new()));
-        match self.pooled.request(first).await {
-            Err(e) if closed_before_response(&e) => match again.take() {
+        Attempt {
+            first: self.pooled.request(first),
+            again,
+        }
+    }
+
+    /// The response to an [`UpstreamClient::attempt`]: a request without a body that meets a
+    /// pooled connection closed before any response byte is sent once more, on a new
+    /// connection.
+    pub async fn complete(&self, attempt: Attempt) -> Result<Response<Incoming>, UpstreamError> {
+        let Attempt { first, again } = attempt;
+        match first.await {
+            Err(e) if closed_before_response(&e) => match again {
                 Some(req) => {
                     tracing::debug!(
                         "backend closed a pooled connection before answering: retrying once on a new connection"
