@@ -6,15 +6,27 @@
 # plus the inclusive cost of the proxy's own steps. Instruction counts do not depend on what
 # else runs on the machine, so they compare builds reliably where requests/s cannot.
 #
+# Instructions alone hide what a change does to the CPU's caches and branch predictors, so the
+# runs also simulate them (--cache-sim=yes --branch-sim=yes) and the table gives an estimate of
+# cycles per request: Ir + 10 × (L1 misses + mispredicted branches) + 100 × last-level misses,
+# KCachegrind's "cycle estimation" weights, on a fixed model of the caches (32 KiB 8-way L1
+# for instructions and for data, a 2 MiB 16-way last level: one core's share of a server's L3),
+# so that machines compare. Like the instruction count it is deterministic.
+#
 #   bash benches/profile.sh            # prints the table, writes benches/results/profile.md
+#   BENCH_BEFORE_BIN=/tmp/txp-before/target/release/token-exchange-proxy BENCH_BEFORE_LABEL=7e35f8d \
+#     bash benches/profile.sh          # also the cache hit of an earlier build, same run
 #
 # Caveats: kernel time (the socket system calls, about half of the CPU time on loopback) is
 # not counted; under valgrind, aws-lc cannot use the CPU's SHA extensions and falls back to
-# its AVX code, so SHA-256 is over-represented (compare with `cargo bench --bench hot_path`,
-# exchange/cache_key). Needs valgrind (`apt-get install valgrind`).
+# its AVX code, so SHA-256 is over-represented (about 36,000 instructions of a cache hit, a
+# few thousand cycles natively): the table also gives each figure without SHA-256's own code,
+# which is the fairer comparison between builds that hash differently (compare with
+# `cargo bench --bench hot_path`, exchange/cache_key). Needs valgrind (`apt-get install valgrind`).
 #
 # Knobs: BENCH_PROFILE_REQUESTS (2000), BENCH_SKIP_BUILD=1, BENCH_KEEP=1 (keep the callgrind
-# files in the scratch directory for callgrind_annotate).
+# files in the scratch directory for callgrind_annotate), BENCH_BEFORE_BIN and
+# BENCH_BEFORE_LABEL (an earlier build's proxy binary, and its name in the table).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,6 +56,7 @@ profile() {
   local name="$1" ready="$2" url="$3" vpid
   shift 3
   TOKIO_WORKER_THREADS=1 START_OUT=/dev/null start "$name" "$PROXY_CPU" valgrind --tool=callgrind \
+    --cache-sim=yes --branch-sim=yes --I1=32768,8,64 --D1=32768,8,64 --LL=2097152,16,64 \
     --instr-atstart=no --callgrind-out-file="$work/$name.callgrind" "$@"
   vpid=$STARTED_PID
   for _ in $(seq 1 300); do
@@ -99,20 +112,65 @@ HIT_FILE="$work/mixed.txt" MEASURED_FILE="$work/measured-mixed.txt" \
   profile exchange_hit_two_profiles_mixed "http://127.0.0.1:$admin/readyz" "http://127.0.0.1:$port/mcp" \
   "$PROXY" --config "$work/exchange_hit_two_profiles_mixed.yaml"
 
-for name in bare passthrough exchange_hit exchange_hit_nolog exchange_hit_two_profiles \
-  exchange_hit_two_profiles_mixed; do
+# An earlier build's cache hit, same config, same tokens (BENCH_BEFORE_BIN).
+names="bare passthrough exchange_hit exchange_hit_nolog exchange_hit_two_profiles exchange_hit_two_profiles_mixed"
+if [ -n "${BENCH_BEFORE_BIN:-}" ]; then
+  [ -x "$BENCH_BEFORE_BIN" ] || die "BENCH_BEFORE_BIN $BENCH_BEFORE_BIN is not an executable"
+  cp "$BENCH_BEFORE_BIN" "$work/bin/before"
+  port="$(free_port)"
+  admin="$(free_port)"
+  proxy_config "$work/exchange_hit_before.yaml" exchange "$port" "$admin" ""
+  profile exchange_hit_before "http://127.0.0.1:$admin/readyz" "http://127.0.0.1:$port/mcp" \
+    "$work/bin/before" --config "$work/exchange_hit_before.yaml"
+  names="$names exchange_hit_before"
+fi
+
+for name in $names; do
   # The dump requested above is NAME.callgrind.1; NAME.callgrind is written at exit.
   f="$work/$name.callgrind"
   for g in "$work/$name.callgrind".*; do
     [ -f "$g" ] && f="$g" && break
   done
-  callgrind_annotate --inclusive=yes --threshold=100 "$f" >"$work/$name.annotate" 2>/dev/null
+  callgrind_annotate --show=Ir --inclusive=yes --threshold=100 "$f" >"$work/$name.annotate" 2>/dev/null
+  # Every event, each function's own cost: the totals and SHA-256's share of them.
+  callgrind_annotate --auto=no --threshold=100 "$f" >"$work/$name.events" 2>/dev/null
 done
 
 mkdir -p "$RESULTS_DIR"
-python3 - "$work" "$REQUESTS" "$RESULTS_DIR/profile.md" "$TOKEN_BYTES" <<'PY'
+python3 - "$work" "$REQUESTS" "$RESULTS_DIR/profile.md" "$TOKEN_BYTES" "$names" \
+  "${BENCH_BEFORE_LABEL:-BENCH_BEFORE_BIN}" <<'PY'
 import json, re, sys
 work, n, out_path, token_bytes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+names, before_label = sys.argv[5].split(), sys.argv[6]
+
+# KCachegrind's cycle estimation: Ir + 10 x (L1 misses + mispredicted branches) + 100 x
+# last-level misses.
+WEIGHTS = {"Ir": 1, "I1mr": 10, "D1mr": 10, "D1mw": 10, "ILmr": 100, "DLmr": 100, "DLmw": 100,
+           "Bcm": 10, "Bim": 10}
+
+def events(name):
+    """Program totals and SHA-256's own cost, per event, from the all-events annotation."""
+    order, totals, sha = [], None, None
+    for line in open(f"{work}/{name}.events"):
+        if line.startswith("Events shown:"):
+            order = line.split(":", 1)[1].split()
+            continue
+        fields = re.sub(r"\(\s*[\d.]+%\)", "", line).split()
+        if len(fields) <= len(order) or not order:
+            continue
+        values = fields[:len(order)]
+        if not all(re.fullmatch(r"[\d,]+|\.", v) for v in values):
+            continue
+        counts = dict(zip(order, (0 if v == "." else int(v.replace(",", "")) for v in values)))
+        what = " ".join(fields[len(order):])
+        if "PROGRAM TOTALS" in what:
+            totals = counts
+        elif "sha256_block_data_order" in what:
+            sha = {k: sha.get(k, 0) + v for k, v in counts.items()} if sha else counts
+    return totals or {}, sha or {}
+
+def cycles(counts):
+    return sum(WEIGHTS.get(k, 0) * v for k, v in counts.items())
 
 def load(name):
     costs = {}
@@ -138,10 +196,13 @@ def find(costs, pattern):
 
 rows = []
 totals = {}
-for name in ["bare", "passthrough", "exchange_hit", "exchange_hit_nolog", "exchange_hit_two_profiles",
-             "exchange_hit_two_profiles_mixed"]:
+estimates = {}
+for name in names:
     total, costs = load(name)
     totals[name] = (total, costs)
+    counts, sha = events(name)
+    estimates[name] = {"cycles": cycles(counts) / n, "sha256": cycles(sha) / n,
+                       "misses": {k: counts.get(k, 0) / n for k in WEIGHTS if k != "Ir"}}
 
 steps = [
     ("access log line (`AccessLog::drop`: format + buffer)", "AccessLog as core::ops::drop::Drop>::drop"),
@@ -168,10 +229,40 @@ for name, label in [("bare", "bare forwarder"), ("passthrough", "proxy, passthro
                     ("exchange_hit_nolog", "proxy, exchange, cache hit, access log off"),
                     ("exchange_hit_two_profiles", "proxy, exchange, cache hit, two profiles (tokens of the second)"),
                     ("exchange_hit_two_profiles_mixed",
-                     "proxy, exchange, cache hit, two profiles (tokens of both, alternating)")]:
+                     "proxy, exchange, cache hit, two profiles (tokens of both, alternating)"),
+                    ("exchange_hit_before", f"proxy, exchange, cache hit: earlier build {before_label}")]:
+    if name not in totals:
+        continue
     t = totals[name][0]
     w(f"| {label} | {t / n:,.0f} | {t / bare_total:.2f}× |")
 w("")
+w("Estimated cycles per request (cache and branch simulation, KCachegrind's weights: "
+  "Ir + 10 × (L1 misses + mispredicted branches) + 100 × last-level misses); the last two "
+  "columns leave out SHA-256's own code, which valgrind runs without the CPU's SHA extensions:")
+w("")
+w("| server | L1 misses/request | mispredicted branches/request | est. cycles/request | "
+  "without SHA-256 | vs bare forwarder, without SHA-256 |")
+w("|---|---:|---:|---:|---:|---:|")
+def lean(name):
+    return estimates[name]["cycles"] - estimates[name]["sha256"]
+estimated_rows = [("bare", "bare forwarder"), ("passthrough", "proxy, passthrough"),
+                  ("exchange_hit", "proxy, exchange, cache hit")]
+if "exchange_hit_before" in estimates:
+    estimated_rows.append(("exchange_hit_before", f"proxy, exchange, cache hit: earlier build {before_label}"))
+for name, label in estimated_rows:
+    e = estimates[name]
+    l1 = e["misses"]["I1mr"] + e["misses"]["D1mr"] + e["misses"]["D1mw"]
+    bm = e["misses"]["Bcm"] + e["misses"]["Bim"]
+    w(f"| {label} | {l1:,.0f} | {bm:,.0f} | {e['cycles']:,.0f} | {lean(name):,.0f} | "
+      f"{lean(name) / lean('bare'):.2f}× |")
+w("")
+if "exchange_hit_before" in estimates:
+    b, c = lean("exchange_hit_before"), lean("exchange_hit")
+    w(f"Cache hit against the earlier build {before_label}, SHA-256 left out: {c / b:.3f}× "
+      f"({c - b:+,.0f} estimated cycles per request); with it: "
+      f"{estimates['exchange_hit']['cycles'] / estimates['exchange_hit_before']['cycles']:.3f}×. "
+      f"Instructions: {totals['exchange_hit'][0] / totals['exchange_hit_before'][0]:.3f}×.")
+    w("")
 one = totals["exchange_hit"][0]
 for case, tokens in [("exchange_hit_two_profiles", "the second profile's tokens"),
                      ("exchange_hit_two_profiles_mixed", "both profiles' tokens, alternating")]:
@@ -201,6 +292,9 @@ with open(json_path, "w") as f:
         "token_bytes": int(token_bytes),
         "instructions_per_request": {k: round(v[0] / n) for k, v in totals.items()},
         "exchange_hit_steps": step_costs,
+        "estimated_cycles_per_request": {k: round(v["cycles"]) for k, v in estimates.items()},
+        "estimated_cycles_per_request_without_sha256": {k: round(v["cycles"] - v["sha256"])
+                                                         for k, v in estimates.items()},
     }, f, indent=2)
     f.write("\n")
 sys.stdout.write(md)
