@@ -102,3 +102,14 @@ async fn without_an_endpoint_there_is_no_tracer() {
     let telemetry = Telemetry::start(&config, &[], Arc::new(Metrics::default())).expect("starts");
     assert!(telemetry.is_none());
 }
+
+/// With traces off, every request future holds an `Option<ChildSpan>` that is `None`: it must
+/// cost those futures a pointer's worth of room, not an SDK span's.
+#[test]
+fn a_child_span_is_small_where_it_is_held() {
+    assert!(
+        std::mem::size_of::<Option<ChildSpan>>() <= 2 * std::mem::size_of::<usize>(),
+        "Option<ChildSpan> is {} bytes",
+        std::mem::size_of::<Option<ChildSpan>>()
+    );
+}
