@@ -102,21 +102,23 @@ metric() {
 # sets bin, PROXY, LOAD. BENCH_BUILD=debug takes the debug build instead of the release one.
 prepare_binaries() {
   local profile="${BENCH_BUILD:-release}" flag=--release
+  local bench_examples=(bench_backend bare_forwarder bench_idp bench_load bench_chaos)
   [ "$profile" = debug ] && flag=
   local dir="${CARGO_TARGET_DIR:-$repo/target}/$profile"
   if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
     # Two steps: the proxy binary with the production feature set (as `cargo build --release`
     # and the Dockerfile build it), then the examples, whose dev-dependencies would otherwise
     # add features (e.g. tokio's test-util) to the proxy binary built in the same invocation.
+    # Only the examples a bench runs: each is linked with the release profile's whole-program
+    # LTO, minutes apiece.
     log "building $profile binaries"
     cargo build $flag --locked --bins
-    cargo build $flag --locked --examples
+    cargo build $flag --locked "${bench_examples[@]/#/--example=}"
   fi
   # Private copies: target/ is shared, and a rebuild during the run must not swap a binary
   # between two measurements (or under the profiler's feet).
   mkdir -p "$work/bin/examples"
-  for b in token-exchange-proxy examples/bench_backend examples/bare_forwarder examples/bench_idp \
-    examples/bench_load examples/bench_chaos; do
+  for b in token-exchange-proxy "${bench_examples[@]/#/examples/}"; do
     [ -x "$dir/$b" ] \
       || die "missing $dir/$b (build with: cargo build $flag --locked --examples --bins)"
     cp "$dir/$b" "$work/bin/$b"
